@@ -1,0 +1,100 @@
+"""The one place that chooses between NumPy (CPU) and CuPy (GPU).
+
+Every op asks ``get_array_module(x)`` for the array library of its input and
+calls it as ``xp``; no other module imports CuPy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:  # CuPy is an optional extra: `pip install -e ".[cuda12]"`
+    import cupy as _cupy
+except ImportError:  # pragma: no cover - depends on the machine
+    _cupy = None
+except Exception:  # a broken CUDA install must not break CPU users
+    _cupy = None
+
+CUPY_INSTALL_HINT = (
+    'install CuPy with `pip install -e ".[cuda12]"` (CUDA 12 driver) or '
+    '`pip install -e ".[cuda13]"` (CUDA 13 driver) on a machine with an NVIDIA GPU'
+)
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    if _cupy is None:
+        return False
+    try:
+        return _cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def get_array_module(*arrays):
+    """Return ``cupy`` if any argument is a CuPy array, else ``numpy``."""
+    if _cupy is not None:
+        for a in arrays:
+            if isinstance(a, _cupy.ndarray):
+                return _cupy
+    return np
+
+
+def is_array(x) -> bool:
+    """True for a NumPy or CuPy ndarray."""
+    return isinstance(x, np.ndarray) or (_cupy is not None and isinstance(x, _cupy.ndarray))
+
+
+def device_of(array) -> str:
+    """``"cuda"`` for a CuPy array, ``"cpu"`` otherwise."""
+    return "cuda" if get_array_module(array) is not np else "cpu"
+
+
+def normalize_device(device: str) -> str:
+    """Accept "cpu", "cuda" or "cuda:N"; raise a clear error otherwise."""
+    if device == "cpu" or device == "cuda" or (isinstance(device, str) and device.startswith("cuda:")):
+        return device
+    raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda' (or 'cuda:N')")
+
+
+def require_cupy():
+    """Return the cupy module, or raise a RuntimeError that says how to get it."""
+    if _cupy is None:
+        raise RuntimeError(f"device 'cuda' needs CuPy, which is not installed: {CUPY_INSTALL_HINT}")
+    if not cupy_available():
+        raise RuntimeError("device 'cuda' asked for, but CuPy sees no CUDA device on this machine; use device='cpu'")
+    return _cupy
+
+
+def to_device(array, device: str):
+    """Move an array to ``device`` ("cpu" or "cuda[:N]"); a no-op when it is already there."""
+    device = normalize_device(device)
+    if device == "cpu":
+        if _cupy is not None and isinstance(array, _cupy.ndarray):
+            return _cupy.asnumpy(array)
+        return np.asarray(array)
+    cp = require_cupy()
+    index = int(device.split(":")[1]) if ":" in device else None
+    if index is None:
+        return cp.asarray(array)
+    with cp.cuda.Device(index):
+        return cp.asarray(array)
+
+
+def array_module_for_device(device: str):
+    """The array library that holds arrays on ``device``."""
+    return np if normalize_device(device) == "cpu" else require_cupy()
+
+
+def scatter_add(target, index, values):
+    """``target[index] += values`` in place, adding up repeated indices (NumPy's ``add.at``).
+
+    Plain ``target[index] += values`` keeps only one of several repeated indices;
+    backward passes of ``getitem`` and ``embedding`` need every one counted.
+    """
+    if _cupy is not None and isinstance(target, _cupy.ndarray):
+        import cupyx
+
+        cupyx.scatter_add(target, index, values)
+    else:
+        np.add.at(target, index, values)

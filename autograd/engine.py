@@ -1,0 +1,229 @@
+"""The reverse-mode engine: the ``Function`` base class and the backward pass.
+
+A ``Function`` is one node of the graph. ``forward`` and ``backward`` work on
+plain arrays (NumPy or CuPy); ``Function.__call__`` wraps them in tensors and
+records the node when a gradient is needed.
+
+The backward pass visits nodes in reverse topological order with a heap keyed
+by *generation* (a node's generation is one more than its latest input's), the
+way Chainer and DeZero do it, so arbitrarily long chains need no recursion.
+Gradients are plain arrays; the backward pass builds no graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import weakref
+
+import numpy as np
+
+from .backend import get_array_module, is_array
+
+# ---------------------------------------------------------------------------
+# grad mode
+# ---------------------------------------------------------------------------
+
+_grad_enabled = True
+
+
+def is_grad_enabled() -> bool:
+    """Whether new operations record a graph."""
+    return _grad_enabled
+
+
+@contextlib.contextmanager
+def set_grad_enabled(mode: bool):
+    """Context manager that turns graph recording on or off, restoring the old mode on exit."""
+    global _grad_enabled
+    previous = _grad_enabled
+    _grad_enabled = bool(mode)
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def no_grad():
+    """``with no_grad():`` runs operations without recording a graph (inference, optimizer steps)."""
+    return set_grad_enabled(False)
+
+
+def enable_grad():
+    """``with enable_grad():`` records a graph even inside ``no_grad()``."""
+    return set_grad_enabled(True)
+
+
+# ---------------------------------------------------------------------------
+# broadcasting, undone in one place
+# ---------------------------------------------------------------------------
+
+
+def sum_to(grad, shape):
+    """Sum ``grad`` over the axes that broadcasting added or stretched, giving ``shape``.
+
+    If ``y = broadcast_to(x, grad.shape)`` then ``dL/dx = sum_to(dL/dy, x.shape)``:
+    every copy of an element of ``x`` passes its gradient back to it.
+    """
+    shape = tuple(shape)
+    if grad.shape == shape:
+        return grad
+    lead = grad.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        i + lead for i, n in enumerate(shape) if n == 1 and grad.shape[i + lead] != 1
+    )
+    out = grad.sum(axis=axes, keepdims=True) if axes else grad
+    if lead:
+        out = out.reshape(shape)  # drop the leading broadcast axes
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Function
+# ---------------------------------------------------------------------------
+
+
+class Function:
+    """One differentiable operation: subclass it and write ``forward`` and ``backward``.
+
+    ``forward(*arrays)`` returns an array (or a tuple of arrays) and saves on
+    ``self`` exactly what ``backward`` needs. ``backward(*grad_outputs)`` returns
+    one gradient per input (a tuple, or a single array for one input), and may
+    return ``None`` for inputs whose ``self.needs_input_grad[i]`` is False, so
+    token ids and frozen weights cost nothing. A gradient may have the
+    broadcast shape of the output: the engine sums it back to the input's
+    shape (``sum_to``). ``backward`` must not modify its grad arguments in place.
+
+    Call an instance on tensors (or arrays / Python scalars) to apply it::
+
+        y = Exp()(x)
+    """
+
+    # forward() returns integer/boolean outputs that can never carry a gradient
+    differentiable = True
+
+    def __call__(self, *inputs):
+        from .tensor import Tensor, as_tensor
+
+        like = next((t for t in inputs if isinstance(t, Tensor)), None)
+        tensors = [t if isinstance(t, Tensor) else as_tensor(t, like=like) for t in inputs]
+        needs = tuple(t.requires_grad for t in tensors)
+        self.needs_input_grad = needs
+        outputs = self.forward(*[t.data for t in tensors])
+        single = not isinstance(outputs, tuple)
+        outputs = (_array(outputs),) if single else tuple(_array(y) for y in outputs)
+        record = _grad_enabled and self.differentiable and any(needs)
+        results = tuple(Tensor(y, requires_grad=record) for y in outputs)
+        if record:
+            self.inputs = tensors
+            self.generation = max(t._generation for t in tensors)
+            self.n_outputs = len(results)
+            self.output_refs = [weakref.ref(r) for r in results]
+            if len(results) > 1:  # zeros stand in for outputs that get no gradient
+                self.output_meta = [(y.shape, y.dtype) for y in outputs]
+            for i, r in enumerate(results):
+                r._creator = self
+                r._output_index = i
+                r._generation = self.generation + 1
+        return results[0] if single else results
+
+    def forward(self, *xs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, *gys):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} has no backward")
+
+    def __repr__(self):
+        return f"<{type(self).__name__}>"
+
+
+def _array(y):
+    """NumPy returns scalars, not 0-d arrays, from operations on 0-d arrays; make them arrays again."""
+    return np.asarray(y) if isinstance(y, np.generic) else y
+
+
+_tiebreak = itertools.count()
+
+
+def _owned(array, handed_out: set):
+    """Return ``array`` or a copy of it that nobody else aliases.
+
+    A backward pass may hand one array to several inputs (``Add`` does), or a
+    view of it; a leaf's ``.grad`` must own its memory so that in-place updates
+    (``p.grad *= clip``, ``+=`` accumulation) touch only that leaf.
+    """
+    if id(array) in handed_out or getattr(array, "base", None) is not None:
+        array = array.copy()
+    handed_out.add(id(array))
+    return array
+
+
+def run_backward(root, grad, retain_graph: bool = False):
+    """Propagate ``grad`` (d loss / d root) to every leaf that requires a gradient.
+
+    Leaves accumulate into ``.grad`` (gradients add up across calls until
+    zeroed); intermediate gradients live only during this call. Unless
+    ``retain_graph`` is set, each node drops its inputs and saved arrays as soon
+    as its backward has run, so the graph's memory is freed as the pass proceeds.
+    """
+    if root._creator is None:
+        if root.requires_grad:
+            _accumulate_leaf(root, grad, set())
+        return
+    # pending[node] = list of grad arrays, one per output of that node
+    pending = {root._creator: [None] * root._creator.n_outputs}
+    pending[root._creator][root._output_index] = grad
+    heap = [(-root._creator.generation, next(_tiebreak), root._creator)]
+    handed_out = {id(grad)}
+    while heap:
+        _, _, fn = heapq.heappop(heap)
+        if getattr(fn, "_freed", False):
+            raise RuntimeError(
+                "backward() reached a part of the graph that an earlier backward() already freed; "
+                "pass retain_graph=True to the first backward() to go through it twice"
+            )
+        gys = pending.pop(fn)
+        if any(gy is None for gy in gys):
+            xp = get_array_module(fn.inputs[0].data)
+            gys = [gy if gy is not None else xp.zeros(shape, dtype) for gy, (shape, dtype) in zip(gys, fn.output_meta)]
+        for i, ref in enumerate(fn.output_refs):
+            out = ref()
+            if out is not None and out._retains_grad:
+                out.grad = gys[i] if out.grad is None else out.grad + gys[i]
+        gxs = fn.backward(*gys)
+        if not isinstance(gxs, tuple):
+            gxs = (gxs,)
+        if len(gxs) != len(fn.inputs):
+            raise RuntimeError(f"{type(fn).__name__}.backward returned {len(gxs)} gradients for {len(fn.inputs)} inputs")
+        for x, gx, need in zip(fn.inputs, gxs, fn.needs_input_grad):
+            if not need or gx is None:
+                continue
+            if isinstance(gx, np.generic):
+                gx = np.asarray(gx)  # NumPy turns 0-d results into scalars
+            elif not is_array(gx):
+                raise TypeError(f"{type(fn).__name__}.backward returned {type(gx).__name__}, not an array")
+            if gx.shape != x.data.shape:
+                gx = sum_to(gx, x.data.shape)
+            creator = x._creator
+            if creator is None:
+                _accumulate_leaf(x, gx, handed_out)
+                continue
+            slots = pending.get(creator)
+            if slots is None:
+                slots = pending[creator] = [None] * creator.n_outputs
+                heapq.heappush(heap, (-creator.generation, next(_tiebreak), creator))
+            j = x._output_index
+            slots[j] = gx if slots[j] is None else slots[j] + gx  # out of place: gx may be shared
+            handed_out.add(id(gx))
+        if not retain_graph:
+            fn.__dict__.clear()
+            fn._freed = True
+
+
+def _accumulate_leaf(t, gx, handed_out):
+    """Add ``gx`` into the leaf tensor ``t.grad`` (owning its memory)."""
+    if t.grad is None:
+        t.grad = _owned(gx, handed_out)
+    else:
+        t.grad += gx  # t.grad owns its memory (see _owned)

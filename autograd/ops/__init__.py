@@ -1,0 +1,1 @@
+"""The differentiable operations, one class per op, grouped by kind."""
