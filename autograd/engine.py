@@ -171,6 +171,7 @@ def run_backward(root, grad, retain_graph: bool = False):
         if root.requires_grad:
             _accumulate_leaf(root, grad, set())
         return
+    _check_not_freed(root._creator)
     # pending[node] = list of grad arrays, one per output of that node
     pending = {root._creator: [None] * root._creator.n_outputs}
     pending[root._creator][root._output_index] = grad
@@ -178,11 +179,7 @@ def run_backward(root, grad, retain_graph: bool = False):
     handed_out = {id(grad)}
     while heap:
         _, _, fn = heapq.heappop(heap)
-        if getattr(fn, "_freed", False):
-            raise RuntimeError(
-                "backward() reached a part of the graph that an earlier backward() already freed; "
-                "pass retain_graph=True to the first backward() to go through it twice"
-            )
+        _check_not_freed(fn)
         gys = pending.pop(fn)
         if any(gy is None for gy in gys):
             xp = get_array_module(fn.inputs[0].data)
@@ -219,6 +216,14 @@ def run_backward(root, grad, retain_graph: bool = False):
         if not retain_graph:
             fn.__dict__.clear()
             fn._freed = True
+
+
+def _check_not_freed(fn):
+    if getattr(fn, "_freed", False):
+        raise RuntimeError(
+            "backward() reached a part of the graph that an earlier backward() already freed; "
+            "pass retain_graph=True to the first backward() to go through it twice"
+        )
 
 
 def _accumulate_leaf(t, gx, handed_out):

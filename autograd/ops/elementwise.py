@@ -1,9 +1,499 @@
-"""Element-wise functions. (Being written: see the foundation issue.)"""
+"""Element-wise functions: exp, log, sqrt, tanh, sigmoid, relu, gelu, silu, abs,
+maximum, minimum, where, clip.
+
+Each op saves what its backward needs, preferring the output when the derivative
+is cheapest in terms of it (exp, tanh, sigmoid, sqrt). Constants are Python
+numbers, which NumPy 2 (NEP 50) and CuPy treat as "weak", so float32 stays
+float32 everywhere. Integer and boolean inputs of the smooth functions are
+computed in float32, as in PyTorch (NumPy would give float64).
+
+Gradients of the binary ops are returned in the broadcast output shape; the
+engine sums them back to each input's shape.
+"""
+
 from __future__ import annotations
 
+import contextlib
+import math
+import numbers
 
-def _todo(*args, **kwargs):
-    raise NotImplementedError("not written yet")
+import numpy as np
+
+from ..backend import get_array_module, is_array
+from ..engine import Function
+from ..tensor import Tensor, as_tensor
+from .special import erf as _erf
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_CUBIC = 0.044715
 
 
-exp = log = sqrt = tanh = sigmoid = relu = gelu = silu = abs = maximum = minimum = where = clip = _todo
+def _quiet(xp):
+    """Silence NumPy's floating-point warnings for a block (division by 0 in a backward, and so on)."""
+    return xp.errstate(divide="ignore", invalid="ignore") if hasattr(xp, "errstate") else contextlib.nullcontext()
+
+
+def _floating(x):
+    """``x`` itself if it is floating, else a float32 copy (integer / boolean input of a smooth function)."""
+    return x if x.dtype.kind in "fc" else x.astype(np.float32)
+
+
+def _sigmoid(xp, x):
+    """1 / (1 + exp(-x)) without overflow: with e = exp(-|x|) <= 1 it is 1/(1+e) for x >= 0, e/(1+e) below."""
+    e = xp.exp(-xp.abs(x))
+    den = e + 1
+    num = xp.where(x >= 0, 1, e)
+    num /= den
+    return num
+
+
+# ---------------------------------------------------------------------------
+# unary
+# ---------------------------------------------------------------------------
+
+
+class Exp(Function):
+    """y = exp(x);  dy/dx = exp(x) = y, so dx = gy * y (the output is saved, not the input)."""
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        y = xp.exp(_floating(x))
+        self.y = y
+        return y
+
+    def backward(self, gy):
+        return gy * self.y
+
+
+class Log(Function):
+    """y = log(x);  dy/dx = 1/x, so dx = gy / x.
+
+    As in NumPy, log(0) = -inf and log(x < 0) = nan (NumPy warns in the forward);
+    the backward's division by 0 gives inf quietly.
+    """
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        x = _floating(x)
+        self.x = x
+        return xp.log(x)
+
+    def backward(self, gy):
+        with _quiet(get_array_module(gy)):
+            return gy / self.x
+
+
+class Sqrt(Function):
+    """y = sqrt(x);  dy/dx = 1 / (2 sqrt(x)) = 1 / (2y), so dx = gy / (2y) (the output is saved).
+
+    At x = 0 the gradient is inf (quietly); negative x gives nan, as in NumPy.
+    """
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        y = xp.sqrt(_floating(x))
+        self.y = y
+        return y
+
+    def backward(self, gy):
+        with _quiet(get_array_module(gy)):
+            return gy / (self.y + self.y)
+
+
+class Tanh(Function):
+    """y = tanh(x);  dy/dx = 1 - tanh(x)^2 = 1 - y^2, so dx = gy * (1 - y^2)."""
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        y = xp.tanh(_floating(x))
+        self.y = y
+        return y
+
+    def backward(self, gy):
+        g = gy * self.y
+        g *= self.y
+        return gy - g  # gy (1 - y^2)
+
+
+class Sigmoid(Function):
+    """y = 1 / (1 + exp(-x));  dy/dx = exp(-x) / (1 + exp(-x))^2 = y (1 - y), so dx = gy * y * (1 - y).
+
+    The forward never overflows: with e = exp(-|x|) <= 1, y = 1/(1+e) for x >= 0
+    and e/(1+e) for x < 0 (the same value, the first form multiplied by e/e).
+    """
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        y = _sigmoid(xp, _floating(x))
+        self.y = y
+        return y
+
+    def backward(self, gy):
+        y = self.y
+        g = 1 - y
+        g *= y
+        g *= gy
+        return g
+
+
+class ReLU(Function):
+    """y = max(x, 0);  dy/dx = 1 for x > 0 and 0 for x <= 0 (0 at the kink, as in PyTorch).
+
+    x > 0 exactly where y > 0, so the output is saved and dx = gy * (y > 0).
+    """
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        y = xp.maximum(x, 0)
+        self.y = y
+        return y
+
+    def backward(self, gy):
+        return gy * (self.y > 0)
+
+
+class SiLU(Function):
+    """y = x * s with s = sigmoid(x) (also called swish);
+    dy/dx = s + x * s (1 - s) = s (1 + x (1 - s)), so dx = gy * s * (1 + x (1 - s)).
+    """
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        x = _floating(x)
+        s = _sigmoid(xp, x)
+        self.x, self.s = x, s
+        return x * s
+
+    def backward(self, gy):
+        s = self.s
+        g = 1 - s
+        g *= self.x
+        g += 1
+        g *= s
+        g *= gy
+        return g
+
+
+class Abs(Function):
+    """y = |x|;  dy/dx = sign(x) (taken as 0 at x = 0, as in PyTorch), so dx = gy * sign(x)."""
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        self.x = x
+        return xp.abs(x)
+
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        return gy * xp.sign(self.x)
+
+
+class GELUTanh(Function):
+    """GPT-2's GELU:  y = 0.5 x (1 + t),  t = tanh(u),  u = c (x + k x^3),  c = sqrt(2/pi),  k = 0.044715.
+
+    dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx,  du/dx = c (1 + 3 k x^2),
+    so dx = gy * (0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 k x^2)). x and t are saved.
+    """
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        x = _floating(x)
+        u = x * x
+        u *= _GELU_CUBIC
+        u += 1
+        u *= x
+        u *= _SQRT_2_OVER_PI  # u = c (x + k x^3)
+        t = xp.tanh(u)
+        self.x, self.t = x, t
+        y = t + 1
+        y *= x
+        y *= 0.5
+        return y
+
+    def backward(self, gy):
+        x, t = self.x, self.t
+        du = x * x
+        du *= 3 * _GELU_CUBIC
+        du += 1
+        du *= _SQRT_2_OVER_PI  # du/dx = c (1 + 3k x^2)
+        g = t * t
+        g -= 1
+        g *= x
+        g *= du  # -x (1 - t^2) du/dx
+        g -= t
+        g -= 1  # -(1 + t) - x (1 - t^2) du/dx
+        g *= gy
+        g *= -0.5
+        return g
+
+
+class GELUErf(Function):
+    """The exact GELU:  y = x Phi(x),  Phi(x) = 0.5 (1 + erf(x / sqrt 2)) the standard normal CDF.
+
+    dy/dx = Phi(x) + x phi(x),  phi(x) = Phi'(x) = exp(-x^2 / 2) / sqrt(2 pi),
+    so dx = gy * (Phi(x) + x phi(x)). x and Phi(x) are saved.
+    """
+
+    def forward(self, x):
+        x = _floating(x)
+        cdf = _erf(x * _INV_SQRT_2)
+        cdf += 1
+        cdf *= 0.5
+        self.x, self.cdf = x, cdf
+        return x * cdf
+
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        x = self.x
+        g = x * x
+        g *= -0.5
+        g = xp.exp(g)
+        g *= _INV_SQRT_2PI
+        g *= x  # x phi(x)
+        g += self.cdf
+        g *= gy
+        return g
+
+
+# ---------------------------------------------------------------------------
+# binary and ternary
+# ---------------------------------------------------------------------------
+
+
+class Maximum(Function):
+    """y = maximum(a, b), broadcasting.
+
+    dy/da = 1 where a > b and 0 where a < b; at a tie (a == b) the gradient is
+    split equally, gy / 2 to each input, as PyTorch does. Symmetrically for b.
+    """
+
+    def forward(self, a, b):
+        xp = get_array_module(a, b)
+        _check_broadcast("maximum", a, b)
+        self.a, self.b = a, b
+        return xp.maximum(a, b)
+
+    def backward(self, gy):
+        return _pick_grads(self, gy, self.a, self.b)
+
+
+class Minimum(Function):
+    """y = minimum(a, b), broadcasting.
+
+    dy/da = 1 where a < b and 0 where a > b; at a tie (a == b) the gradient is
+    split equally, gy / 2 to each input, as PyTorch does. Symmetrically for b.
+    """
+
+    def forward(self, a, b):
+        xp = get_array_module(a, b)
+        _check_broadcast("minimum", a, b)
+        self.a, self.b = a, b
+        return xp.minimum(a, b)
+
+    def backward(self, gy):
+        return _pick_grads(self, gy, self.b, self.a)  # min(a, b) picks a where b > a
+
+
+def _check_broadcast(op, *arrays, names=("a", "b")):
+    """Raise a ValueError naming the shapes when ``arrays`` do not broadcast together."""
+    try:
+        np.broadcast_shapes(*(a.shape for a in arrays))
+    except ValueError:
+        shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(names, arrays))
+        raise ValueError(f"{op}: shapes do not broadcast together: {shapes}; each axis must match or be 1 "
+                         "(reshape or unsqueeze one of them)") from None
+
+
+def _pick_grads(fn, gy, big, small):
+    """Gradients of maximum(big, small)-style selection: gy to the winner, gy/2 to each at a tie."""
+    xp = get_array_module(gy)
+    half = gy * 0.5
+    tie = big == small
+    ga = xp.where(big > small, gy, xp.where(tie, half, 0)) if fn.needs_input_grad[0] else None
+    gb = xp.where(small > big, gy, xp.where(tie, half, 0)) if fn.needs_input_grad[1] else None
+    return ga, gb
+
+
+class Where(Function):
+    """y = x where cond else y_, broadcasting all three; cond is a constant boolean array.
+
+    dy/dx = 1 where cond and 0 elsewhere, dy/dy_ the opposite: dx = where(cond, gy, 0),
+    dy_ = where(cond, 0, gy). cond gets no gradient.
+    """
+
+    def __init__(self, cond):
+        self.cond = cond
+
+    def forward(self, x, y):
+        xp = get_array_module(x, y)
+        _check_broadcast("where", self.cond, x, y, names=("cond", "x", "y"))
+        return xp.where(self.cond, x, y)
+
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        gx = xp.where(self.cond, gy, 0) if self.needs_input_grad[0] else None
+        gother = xp.where(self.cond, 0, gy) if self.needs_input_grad[1] else None
+        return gx, gother
+
+
+class Clip(Function):
+    """y = min(max(x, lo), hi) with constant bounds (either may be None).
+
+    dy/dx = 1 where lo <= x <= hi (the bounds included, as torch.clamp) and 0
+    outside, so dx = gy * mask; the boolean mask is all that is saved.
+    """
+
+    def __init__(self, lo, hi):
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        lo, hi = (None if b is None else _bound(xp, b, x.dtype) for b in (self.lo, self.hi))
+        y, mask = x, None
+        if lo is not None:
+            mask = x >= lo
+            y = xp.maximum(y, lo)
+        if hi is not None:
+            below = x <= hi
+            mask = below if mask is None else mask & below
+            y = xp.minimum(y, hi)
+        self.mask = mask
+        self.lo = self.hi = None  # backward needs only the mask: drop the bounds (they may be arrays)
+        return y
+
+    def backward(self, gy):
+        return gy * self.mask
+
+
+def _bound(xp, b, dtype):
+    """A clip bound as an array of ``x``'s library, in ``x``'s dtype when ``x`` is floating."""
+    if isinstance(b, Tensor):
+        b = b.data
+    if dtype.kind in "fc" and not (isinstance(b, numbers.Number) and not isinstance(b, np.generic)):
+        return xp.asarray(b, dtype=dtype)  # a float64 NumPy scalar or array must not promote float32
+    return b if isinstance(b, numbers.Number) else xp.asarray(b)
+
+
+# ---------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------
+
+
+def exp(x) -> Tensor:
+    """e ** x, element-wise."""
+    return Exp()(x)
+
+
+def log(x) -> Tensor:
+    """Natural logarithm, element-wise; log(0) = -inf and log(x < 0) = nan, as in NumPy."""
+    return Log()(x)
+
+
+def sqrt(x) -> Tensor:
+    """Square root, element-wise; sqrt(x < 0) = nan, as in NumPy."""
+    return Sqrt()(x)
+
+
+def tanh(x) -> Tensor:
+    """Hyperbolic tangent, element-wise."""
+    return Tanh()(x)
+
+
+def sigmoid(x) -> Tensor:
+    """The logistic function 1 / (1 + exp(-x)), element-wise, stable for any x (no overflow)."""
+    return Sigmoid()(x)
+
+
+def relu(x) -> Tensor:
+    """max(x, 0), element-wise; its gradient at 0 is 0."""
+    return ReLU()(x)
+
+
+def silu(x) -> Tensor:
+    """x * sigmoid(x) (SiLU, also called swish), element-wise."""
+    return SiLU()(x)
+
+
+def abs(x) -> Tensor:  # noqa: A001 - mirrors torch.abs; ``abs(tensor)`` also works through __abs__
+    """|x|, element-wise; its gradient at 0 is 0 (the sign of 0)."""
+    return Abs()(x)
+
+
+_GELU_FORMS = {"tanh": GELUTanh, "none": GELUErf}
+
+
+def gelu(x, approximate: str = "tanh") -> Tensor:
+    """The Gaussian error linear unit x * Phi(x), Phi the standard normal CDF.
+
+    ``approximate="tanh"`` (the default: GPT-2's form) computes
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); ``approximate="none"`` the
+    exact 0.5 x (1 + erf(x / sqrt 2)). The names follow ``torch.nn.functional.gelu``.
+    """
+    form = _GELU_FORMS.get(approximate) if isinstance(approximate, str) else None
+    if form is None:
+        raise ValueError(f"gelu: approximate must be 'tanh' (GPT-2's form) or 'none' (exact, with erf), "
+                         f"got {approximate!r}")
+    return form()(x)
+
+
+def maximum(a, b) -> Tensor:
+    """Element-wise maximum of a and b, with broadcasting.
+
+    Where a == b (a tie) the gradient is split equally: each input receives half
+    of the output's gradient, as in PyTorch.
+    """
+    return Maximum()(a, b)
+
+
+def minimum(a, b) -> Tensor:
+    """Element-wise minimum of a and b, with broadcasting.
+
+    Where a == b (a tie) the gradient is split equally: each input receives half
+    of the output's gradient, as in PyTorch.
+    """
+    return Minimum()(a, b)
+
+
+def where(cond, x, y) -> Tensor:
+    """x where ``cond`` is True, y elsewhere; cond, x and y broadcast together.
+
+    ``cond`` is a boolean array or Tensor (e.g. ``t > 0``) and gets no gradient;
+    x and y are Tensors, arrays or Python scalars (a scalar takes the dtype of
+    the other branch). The gradient flows to x where cond holds and to y elsewhere.
+    """
+    if isinstance(cond, Tensor):
+        cond = cond.data
+    like = next((t.data for t in (x, y) if isinstance(t, Tensor)), None)
+    if like is None:
+        like = next((t for t in (x, y) if is_array(t)), None)
+    if not is_array(cond):
+        cond = np.asarray(cond)
+        if like is not None:
+            cond = get_array_module(like).asarray(cond)
+    if cond.dtype != np.bool_:
+        raise TypeError(f"where: cond must be boolean, got dtype {cond.dtype}; build it with a comparison "
+                        "(e.g. x > 0) or cast it (cond.astype(bool))")
+    xp = get_array_module(cond)
+    if like is not None and get_array_module(like) is not xp:
+        raise TypeError(f"where: cond is on {'cpu' if xp is np else 'cuda'} but the values are not; "
+                        "move one with .to(device)")
+    if like is None:  # two Python scalars: make them arrays where cond lives
+        x, y = (Tensor(xp.asarray(as_tensor(v).data)) for v in (x, y))  # float -> float32, int -> int64
+    return Where(cond)(x, y)
+
+
+def clip(x, min=None, max=None) -> Tensor:  # noqa: A002 - the names of numpy.clip / torch.clamp
+    """Limit x to [min, max] element-wise; either bound may be None (not both).
+
+    The bounds are numbers, arrays or Tensors and get no gradient. The gradient
+    w.r.t. x is 1 where min <= x <= max (the bounds included, as torch.clamp)
+    and 0 outside.
+    """
+    if min is None and max is None:
+        raise ValueError("clip: give at least one of min= and max= (both are None, so there is nothing to clip)")
+    for name, b in (("min", min), ("max", max)):
+        if b is not None and not (isinstance(b, (numbers.Number, Tensor)) or is_array(b)):
+            raise TypeError(f"clip: {name} must be a number, an array or a Tensor, got {type(b).__name__}")
+    return Clip(min, max)(x)
+
