@@ -1,0 +1,17 @@
+"""nn: modules, layers, initialisation and optimizers, built only on ``autograd``.
+
+    >>> import numpy as np, nn
+    >>> layer = nn.Linear(4, 3, generator=np.random.default_rng(0))
+    >>> [name for name, _ in layer.named_parameters()]
+    ['weight', 'bias']
+"""
+
+from . import init, optim
+from .layers import MLP, GELU, Dropout, Embedding, Identity, Linear, SiLU, SwiGLU, linear, llama_hidden_dim
+from .module import IncompatibleKeys, Module, ModuleDict, ModuleList, Parameter, Sequential, functional_call
+
+__all__ = [
+    "Module", "Parameter", "ModuleList", "ModuleDict", "Sequential", "IncompatibleKeys", "functional_call",
+    "Linear", "linear", "Embedding", "Dropout", "GELU", "SiLU", "Identity", "MLP", "SwiGLU", "llama_hidden_dim",
+    "init", "optim",
+]

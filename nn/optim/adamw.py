@@ -1,0 +1,81 @@
+"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter), exactly as ``torch.optim.AdamW``."""
+
+from __future__ import annotations
+
+import math
+
+from autograd.backend import get_array_module
+
+from .optimizer import Optimizer, _grad_of
+
+
+class AdamW(Optimizer):
+    """AdamW with bias correction; state keyed by parameter name.
+
+    For each parameter with a gradient g, at its step t (counted per parameter):
+
+        p  <- p * (1 - lr * weight_decay)          decoupled decay (not added to g)
+        m  <- beta1 * m + (1 - beta1) * g
+        v  <- beta2 * v + (1 - beta2) * g * g
+        p  <- p - lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - beta1**t), v_hat = v / (1 - beta2**t)
+
+    computed as torch does: ``p -= (lr / (1 - beta1**t)) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)``.
+    The moments are float32 for float16/bfloat16 parameters (the parameter's
+    dtype otherwise), the arithmetic is done in that dtype, in place, with one
+    temporary array per parameter. Parameters whose ``.grad`` is None are skipped.
+    """
+
+    state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1):
+        super().__init__(params, dict(lr=float(lr), betas=tuple(betas), eps=float(eps),
+                                      weight_decay=float(weight_decay)))
+
+    def _validate_group(self, group):
+        super()._validate_group(group)
+        group["betas"] = tuple(float(b) for b in group["betas"])
+        b1, b2 = group["betas"]
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"AdamW betas must be in [0, 1), got {group['betas']}")
+        if group["eps"] < 0:
+            raise ValueError(f"AdamW eps must be >= 0, got {group['eps']}")
+
+    def step(self):
+        """One AdamW update of every parameter that has a gradient."""
+        self.step_count += 1
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for name, p in group["params"]:
+                if p.grad is None:
+                    continue
+                xp = get_array_module(p.data)
+                dtype = self._state_dtype(p)
+                st = self.state.get(name)
+                if st is None:
+                    st = self.state[name] = {"step": 0, "exp_avg": xp.zeros(p.shape, dtype=dtype),
+                                             "exp_avg_sq": xp.zeros(p.shape, dtype=dtype)}
+                st["step"] += 1
+                t = st["step"]
+                g = _grad_of(name, p, dtype)
+                low = p.data.dtype != dtype
+                w = p.data.astype(dtype) if low else p.data  # float16 params: update a float32 copy
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+
+                if wd != 0.0:
+                    w *= 1.0 - lr * wd
+                tmp = xp.multiply(g, 1.0 - b1)  # the one temporary
+                m *= b1
+                m += tmp
+                xp.multiply(g, g, out=tmp)
+                tmp *= 1.0 - b2
+                v *= b2
+                v += tmp
+                step_size = lr / (1.0 - b1 ** t)
+                xp.sqrt(v, out=tmp)
+                tmp /= math.sqrt(1.0 - b2 ** t)
+                tmp += eps
+                xp.divide(m, tmp, out=tmp)
+                tmp *= step_size
+                w -= tmp
+                if low:
+                    p.data[...] = w  # round back into the float16 parameter, in place
