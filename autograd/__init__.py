@@ -8,6 +8,7 @@
 """
 
 from . import overloads as _overloads  # noqa: F401  (attaches operators and methods to Tensor)
+from . import random
 from .backend import cupy_available, get_array_module
 from .engine import Function, enable_grad, is_grad_enabled, no_grad, set_grad_enabled, sum_to
 from .gradcheck import GradcheckError, gradcheck
@@ -22,7 +23,7 @@ from .ops.shape import (broadcast_to, concatenate, flatten, getitem, pad, permut
 from .tensor import Tensor, as_tensor
 
 __all__ = [
-    "Tensor", "as_tensor", "Function", "gradcheck", "GradcheckError",
+    "Tensor", "as_tensor", "random", "Function", "gradcheck", "GradcheckError",
     "no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled", "sum_to",
     "get_array_module", "cupy_available", "astype", "to_device",
     "add", "sub", "mul", "div", "neg", "pow", "matmul",

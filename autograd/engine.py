@@ -104,20 +104,22 @@ class Function:
     differentiable = True
 
     def __call__(self, *inputs):
-        from .tensor import Tensor, as_tensor
-
-        like = next((t for t in inputs if isinstance(t, Tensor)), None)
-        tensors = [t if isinstance(t, Tensor) else as_tensor(t, like=like) for t in inputs]
-        needs = tuple(t.requires_grad for t in tensors)
+        like = None
+        for t in inputs:
+            if isinstance(t, _Tensor):
+                like = t
+                break
+        tensors = [t if isinstance(t, _Tensor) else _as_tensor(t, like) for t in inputs]
+        needs = tuple([t.requires_grad for t in tensors])
         self.needs_input_grad = needs
         outputs = self.forward(*[t.data for t in tensors])
         single = not isinstance(outputs, tuple)
-        outputs = (_array(outputs),) if single else tuple(_array(y) for y in outputs)
-        record = _grad_enabled and self.differentiable and any(needs)
-        results = tuple(Tensor(y, requires_grad=record) for y in outputs)
+        outputs = (_array(outputs),) if single else tuple([_array(y) for y in outputs])
+        record = _grad_enabled and self.differentiable and True in needs
+        results = tuple([_Tensor._wrap(y, record) for y in outputs])
         if record:
             self.inputs = tensors
-            self.generation = max(t._generation for t in tensors)
+            self.generation = generation = max([t._generation for t in tensors])
             self.n_outputs = len(results)
             self.output_refs = [weakref.ref(r) for r in results]
             if len(results) > 1:  # zeros stand in for outputs that get no gradient
@@ -125,7 +127,7 @@ class Function:
             for i, r in enumerate(results):
                 r._creator = self
                 r._output_index = i
-                r._generation = self.generation + 1
+                r._generation = generation + 1
         return results[0] if single else results
 
     def forward(self, *xs):  # pragma: no cover - abstract
@@ -144,6 +146,16 @@ def _array(y):
 
 
 _tiebreak = itertools.count()
+
+# Tensor and as_tensor, bound by autograd/tensor.py when it is imported (tensor.py imports this module)
+_Tensor = None
+_as_tensor = None
+
+
+def bind_tensor_type(tensor_cls, as_tensor_fn):
+    """Called once by ``autograd.tensor`` so ``Function.__call__`` can build tensors without an import per call."""
+    global _Tensor, _as_tensor
+    _Tensor, _as_tensor = tensor_cls, as_tensor_fn
 
 
 def _owned(array, handed_out: set):
@@ -176,11 +188,15 @@ def run_backward(root, grad, retain_graph: bool = False):
     pending = {root._creator: [None] * root._creator.n_outputs}
     pending[root._creator][root._output_index] = grad
     heap = [(-root._creator.generation, next(_tiebreak), root._creator)]
-    handed_out = {id(grad)}
+    caller_grad = id(grad)  # the caller's array: never handed to a leaf without a copy
+    handed_out = {caller_grad}
     while heap:
         _, _, fn = heapq.heappop(heap)
         _check_not_freed(fn)
         gys = pending.pop(fn)
+        for gy in gys:  # the node's slot no longer holds them: the first receiver may keep them
+            if gy is not None and id(gy) != caller_grad:
+                handed_out.discard(id(gy))
         if any(gy is None for gy in gys):
             xp = get_array_module(fn.inputs[0].data)
             gys = [gy if gy is not None else xp.zeros(shape, dtype) for gy, (shape, dtype) in zip(gys, fn.output_meta)]
@@ -188,6 +204,7 @@ def run_backward(root, grad, retain_graph: bool = False):
             out = ref()
             if out is not None and out._retains_grad:
                 out.grad = gys[i] if out.grad is None else out.grad + gys[i]
+                handed_out.add(id(out.grad))
         gxs = fn.backward(*gys)
         if not isinstance(gxs, tuple):
             gxs = (gxs,)

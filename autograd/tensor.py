@@ -12,6 +12,7 @@ import numbers
 import numpy as np
 
 from . import backend
+from . import engine
 from .engine import run_backward
 
 
@@ -62,6 +63,20 @@ class Tensor:
         self._output_index = 0
         self._generation = 0
         self._retains_grad = False
+
+    @classmethod
+    def _wrap(cls, array, requires_grad: bool) -> "Tensor":
+        """The engine's fast constructor: an op's output array, trusted as it is."""
+        t = object.__new__(cls)
+        t.data = array
+        t.grad = None
+        t.requires_grad = requires_grad
+        t.name = None
+        t._creator = None
+        t._output_index = 0
+        t._generation = 0
+        t._retains_grad = False
+        return t
 
     # -- array facts ---------------------------------------------------------
     @property
@@ -211,3 +226,6 @@ def as_tensor(x, like: Tensor | None = None) -> Tensor:
         xp = backend.get_array_module(like.data)
         return Tensor(xp.asarray(_default_array(x)))
     return Tensor(x)
+
+
+engine.bind_tensor_type(Tensor, as_tensor)

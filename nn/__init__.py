@@ -6,12 +6,14 @@
     ['weight', 'bias']
 """
 
-from . import init, optim
-from .layers import MLP, GELU, Dropout, Embedding, Identity, Linear, SiLU, SwiGLU, linear, llama_hidden_dim
+from . import functional, init, optim
+from .layers import (MLP, GELU, Block, CausalSelfAttention, Dropout, Embedding, Identity, KVCache, LayerNorm, Linear,
+                     RMSNorm, SiLU, SwiGLU, linear, llama_hidden_dim)
 from .module import IncompatibleKeys, Module, ModuleDict, ModuleList, Parameter, Sequential, functional_call
 
 __all__ = [
     "Module", "Parameter", "ModuleList", "ModuleDict", "Sequential", "IncompatibleKeys", "functional_call",
     "Linear", "linear", "Embedding", "Dropout", "GELU", "SiLU", "Identity", "MLP", "SwiGLU", "llama_hidden_dim",
-    "init", "optim",
+    "LayerNorm", "RMSNorm", "CausalSelfAttention", "KVCache", "Block",
+    "init", "optim", "functional",
 ]

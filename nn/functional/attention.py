@@ -1,0 +1,198 @@
+"""Causal scaled-dot-product attention as one fused op, for multi-head, grouped-query and multi-query heads.
+
+Shapes: q is ``(B, H, T, D)``; k and v are ``(B, Hkv, S, D)`` with ``H`` a
+multiple of ``Hkv``. Query head ``h`` reads kv head ``h // G`` with
+``G = H // Hkv`` (so heads ``0 .. G-1`` share kv head 0: the order of
+Llama's ``repeat_kv``). ``Hkv == H`` is ordinary multi-head attention,
+``Hkv == 1`` multi-query attention (MQA), anything between grouped-query
+attention (GQA).
+
+The kv heads are never copied G times: q is reshaped to ``(B, Hkv, G*T, D)``,
+stacking the G query heads of one kv head along the row axis, so every
+product is one batched matmul against the un-repeated k or v, and in backward
+the sum over the G heads that share a kv head happens inside the matmul.
+
+Causality with a KV cache: when ``S > T`` the keys hold ``S - T`` cached past
+positions followed by the T current ones, so query i sits at absolute
+position ``(S - T) + i`` and may attend keys ``j <= i + (S - T)``.
+
+Memory: forward saves q, k, v (held by the graph anyway) and the softmax
+probabilities P, ``B * H * T * S`` numbers, so backward needs no recomputation
+of ``Q K^T``. The alternative, FlashAttention's, saves only the logsumexp per
+row (``B * H * T`` numbers) and recomputes P in backward: one more matmul for
+O(T) instead of O(T * S) memory. At the sizes this CPU/CuPy stack trains,
+keeping P is simpler and faster.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from autograd import backend
+from autograd.backend import get_array_module
+from autograd.engine import Function
+from autograd.tensor import Tensor, as_tensor
+
+
+def _compute_dtype(dtype):
+    """float16 -> float32 (softmax needs the range and the digits); float32 / float64 unchanged."""
+    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+
+
+def causal_mask_bias(xp, T: int, S: int, dtype):
+    """The additive causal mask, shape ``(T, S)``: 0 where key j <= i + (S - T), -inf above (a future key)."""
+    return xp.triu(xp.full((T, S), -np.inf, dtype=dtype), k=S - T + 1)
+
+
+class ScaledDotProductAttention(Function):
+    """O = softmax(Q K^T * scale + mask) V per head, with kv heads shared by G = H / Hkv query heads.
+
+    Forward, per head (rows i = queries, columns j = keys):
+        S = Q K^T * scale,  S_ij = -inf for masked (future) j,
+        P = softmax_j(S),   O = P V.
+    Softmax is computed in float32 for float16 inputs; P is saved (see the module doc).
+
+    Backward, with dO = dL/dO:
+        dV = P^T dO                                 (O is linear in V)
+        dP = dO V^T                                 (O is linear in P)
+        dS = P * (dP - rowsum(dP * P))              (the softmax Jacobian, row by row)
+        dQ = dS K * scale,  dK = dS^T Q * scale     (S is bilinear in Q and K)
+    Masked entries have P = 0 and so get dS = 0. A kv head used by G query
+    heads receives the sum of their dK, dV; with the G heads stacked along the
+    row axis, ``dS^T Q`` and ``P^T dO`` compute that sum in the matmul itself.
+
+    With attention dropout (``keep`` a boolean mask, kept entries scaled by
+    1/(1-p)), O = (P * M) V with M = keep / (1 - p): dV = (P * M)^T dO, and dP
+    is multiplied by M before the softmax step.
+    """
+
+    def __init__(self, scale: float, causal: bool, keep=None, dropout_p: float = 0.0):
+        self.scale, self.causal, self.keep, self.dropout_p = scale, causal, keep, dropout_p
+
+    def _dropped(self, p):
+        """P * M (fresh): the probabilities after dropout, in p's dtype."""
+        p = p * self.keep
+        p *= p.dtype.type(1.0 / (1.0 - self.dropout_p))
+        return p
+
+    def forward(self, q, k, v):
+        xp = get_array_module(q)
+        B, H, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        G = H // Hkv
+        cd = _compute_dtype(q.dtype)
+        qg = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D): the G query heads of each kv head stacked on rows
+        s = xp.matmul(qg, xp.swapaxes(k, -1, -2))  # (B, Hkv, G*T, S)
+        s = s.astype(cd, copy=False)  # fresh either way: scaled, masked and normalised in place
+        s *= cd.type(self.scale)
+        if self.causal:
+            s4 = s.reshape(B, Hkv, G, T, S)  # (B, Hkv, G, T, S): a view, so the mask lands in s
+            s4 += causal_mask_bias(xp, T, S, cd)  # (T, S) broadcast over (B, Hkv, G)
+        s -= s.max(axis=-1, keepdims=True)
+        xp.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        p = s.astype(q.dtype, copy=False)  # (B, Hkv, G*T, S); float16 inputs: P is kept in float16
+        if self.keep is not None:
+            self.keep = self.keep.reshape(B, Hkv, G * T, S)  # (B, Hkv, G*T, S) from (B, H, T, S)
+            pv = self._dropped(p)
+        else:
+            pv = p
+        o = xp.matmul(pv, v)  # (B, Hkv, G*T, D)
+        self.q, self.k, self.v, self.p = q, k, v, p
+        return o.reshape(B, H, T, D)  # (B, H, T, D)
+
+    def backward(self, go):
+        xp = get_array_module(go)
+        q, k, v, p = self.q, self.k, self.v, self.p
+        B, H, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        G = H // Hkv
+        cd = _compute_dtype(q.dtype)
+        gog = go.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D)
+        dq = dk = dv = None
+        if self.needs_input_grad[2]:
+            pv = self._dropped(p) if self.keep is not None else p
+            dv = xp.matmul(xp.swapaxes(pv, -1, -2), gog)  # (B, Hkv, S, D): summed over the G heads and T rows
+        if self.needs_input_grad[0] or self.needs_input_grad[1]:
+            dp = xp.matmul(gog, xp.swapaxes(v, -1, -2))  # (B, Hkv, G*T, S), fresh
+            dp = dp.astype(cd, copy=False)
+            if self.keep is not None:
+                dp = self._dropped(dp)
+            pc = p.astype(cd, copy=False)
+            dp -= (dp * pc).sum(axis=-1, keepdims=True)
+            dp *= pc
+            dp *= cd.type(self.scale)  # dS * scale, the common factor of dQ and dK
+            ds = dp.astype(q.dtype, copy=False)
+            if self.needs_input_grad[0]:
+                dq = xp.matmul(ds, k).reshape(B, H, T, D)  # (B, Hkv, G*T, D) -> (B, H, T, D)
+            if self.needs_input_grad[1]:
+                qg = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D)
+                dk = xp.matmul(xp.swapaxes(ds, -1, -2), qg)  # (B, Hkv, S, D)
+        return dq, dk, dv
+
+
+def _check(q, k, v, causal):
+    """Clear errors for shapes and dtypes the attention op cannot take."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.ndim != 4:
+            raise ValueError(f"attention: {name} must have 4 axes (batch, heads, time, head_dim), got shape {t.shape}; "
+                             f"reshape (B, T, n_head * head_dim) to (B, T, n_head, head_dim) and swap axes 1 and 2")
+        if t.dtype.kind != "f":
+            raise TypeError(f"attention: {name} must be floating point, got dtype {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+                        "cast them to the same dtype first")
+    B, H, T, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape (B, Hkv, S, D), got {k.shape} and {v.shape}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"attention: q of shape {q.shape} (B, H, T, D) and k of shape {k.shape} (B, Hkv, S, D) must "
+                         f"agree on the batch size and head_dim")
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"attention: the number of query heads ({H}) must be a multiple of the number of kv heads "
+                         f"({Hkv}) for grouped-query attention")
+    if causal and S < T:
+        raise ValueError(f"attention: causal attention with {T} queries needs at least {T} keys (the queries are the "
+                         f"last T positions of the key sequence), got {S}")
+
+
+def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | None = None, dropout_p: float = 0.0,
+                                 training: bool = True, generator=None) -> Tensor:
+    """softmax(q k^T * scale + causal mask) v, as one fused node; returns ``(B, H, T, D)``.
+
+    ``q``: ``(B, H, T, D)``; ``k``, ``v``: ``(B, Hkv, S, D)`` with ``H % Hkv == 0``
+    (MHA, GQA, MQA). With ``S > T`` the first ``S - T`` keys are cached past
+    positions (see the module doc). ``scale`` defaults to ``1 / sqrt(D)``.
+    ``dropout_p`` drops attention probabilities in training (mask drawn from
+    ``generator`` or ``autograd.random``'s default generator). float16 inputs
+    get their softmax in float32 and a float16 output.
+    """
+    q, k, v = (as_tensor(t) for t in (q, k, v))
+    _check(q, k, v, causal)
+    D = q.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"attention: scale must be a number, got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    keep = None
+    if training and dropout_p > 0.0:
+        xp = get_array_module(q.data)
+        if generator is None:
+            from autograd import random as _random
+
+            generator = _random.default_generator(xp)
+        B, H, T, _ = q.shape
+        u = generator.random((B, H, T, k.shape[2]), dtype=np.float32)  # (B, H, T, S) uniform [0, 1)
+        if get_array_module(u) is not xp:
+            u = backend.to_device(u, q.device)
+        keep = u >= np.float32(dropout_p)
+    return ScaledDotProductAttention(float(scale), bool(causal), keep, float(dropout_p))(q, k, v)
+
+
+__all__ = ["ScaledDotProductAttention", "scaled_dot_product_attention", "causal_mask_bias"]

@@ -1,0 +1,205 @@
+"""Fused normalisation ops: ``layer_norm`` and ``rms_norm``, each one node with a hand-derived backward.
+
+Both normalise over the last axis. Following llm.c, forward saves only the
+per-row statistics (``mean`` and ``rstd`` for LayerNorm, ``rstd`` for RMSNorm,
+shape ``(..., 1)``) besides the input it already holds; backward rebuilds
+``xhat`` from them instead of keeping a second activation-sized array.
+
+Precision: float16 inputs (mixed precision) are normalised in float32 (a float16
+sum of squares over thousands of channels loses digits) and the result is
+returned as float16. float32 and float64 stay as they are. Each gradient comes
+back in the dtype of its input.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from autograd.backend import get_array_module
+from autograd.engine import Function
+from autograd.tensor import Tensor, as_tensor
+
+
+def _compute_dtype(*dtypes):
+    """The dtype the statistics are computed in: float32 if any input is float16 or float32, else float64."""
+    wide = np.result_type(*dtypes)
+    return np.dtype(np.float32) if wide == np.float16 else np.dtype(wide)
+
+
+def _check_eps(eps, name):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"{name}: eps must be a non-negative number, got {eps!r}")
+    return float(eps)
+
+
+def _check_inputs(name, x, weight, bias):
+    """Clear errors for the shapes and dtypes a normalisation accepts."""
+    if x.ndim < 1:
+        raise ValueError(f"{name} normalises the last axis, so it needs an input with at least one dimension, "
+                         f"got a 0-d array")
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name} needs a floating-point input, got dtype {x.dtype}; cast first, "
+                        "e.g. x.astype(np.float32)")
+    c = x.shape[-1]
+    for label, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (c,):
+            raise ValueError(f"{name}: {label} has shape {tuple(p.shape)}, but the input's last axis has size {c}; "
+                             f"{label} must have shape ({c},)")
+
+
+def _sum_leading(a):
+    """Sum over every axis but the last: (..., C) -> (C,)."""
+    return a.reshape(-1, a.shape[-1]).sum(axis=0)  # (N, C) -> (C,)
+
+
+class LayerNormFunction(Function):
+    """y = xhat * w + b with xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps), over the last axis (size N).
+
+    Forward saves x (already held by the graph), ``mean`` and ``rstd`` (one
+    number per row), as llm.c does; backward recomputes xhat from them.
+
+    Backward. Let g = gy * w (g = gy without a weight). Along one row,
+    d xhat_j / d x_i = rstd * (delta_ij - 1/N - xhat_i xhat_j / N)
+    (the 1/N from d mean/dx_i, the xhat_i xhat_j / N from d rstd/dx_i =
+    -rstd^3 (x_i - mean) / N). Contracting with g:
+
+        dx_i = sum_j g_j d xhat_j/d x_i = rstd * (g_i - mean_j(g_j) - xhat_i * mean_j(g_j xhat_j))
+
+    and, since w and b act on every row, dw = sum_rows(gy * xhat), db = sum_rows(gy).
+    """
+
+    def __init__(self, eps: float, has_weight: bool, has_bias: bool):
+        self.eps, self.has_weight, self.has_bias = eps, has_weight, has_bias
+
+    def forward(self, x, *params):
+        weight = params[0] if self.has_weight else None
+        bias = params[-1] if self.has_bias else None
+        _check_inputs("layer_norm", x, weight, bias)
+        xp = get_array_module(x)
+        cd = _compute_dtype(x.dtype, *(p.dtype for p in params))
+        xc = x.astype(cd, copy=False)
+        mean = xc.mean(axis=-1, keepdims=True)  # (..., 1)
+        xhat = xc - mean  # fresh array: becomes xhat, then y, in place
+        var = (xhat * xhat).mean(axis=-1, keepdims=True)  # (..., 1)
+        rstd = var
+        rstd += cd.type(self.eps)
+        xp.sqrt(rstd, out=rstd)
+        xp.reciprocal(rstd, out=rstd)  # (..., 1): 1 / sqrt(var + eps)
+        xhat *= rstd
+        if weight is not None:
+            xhat *= weight.astype(cd, copy=False)
+        if bias is not None:
+            xhat += bias.astype(cd, copy=False)
+        self.x, self.mean, self.rstd, self.weight = x, mean, rstd, weight
+        self.param_dtypes = [p.dtype for p in params]
+        return xhat.astype(x.dtype, copy=False)
+
+    def backward(self, gy):
+        x, weight = self.x, self.weight
+        cd = self.rstd.dtype
+        g_out = gy.astype(cd, copy=False)
+        xhat = x.astype(cd, copy=False) - self.mean  # fresh: (..., C)
+        xhat *= self.rstd
+        grads = []
+        if self.needs_input_grad[0]:
+            g = g_out * weight.astype(cd, copy=False) if weight is not None else g_out
+            dx = g - g.mean(axis=-1, keepdims=True)  # fresh
+            dx -= xhat * (g * xhat).mean(axis=-1, keepdims=True)
+            dx *= self.rstd
+            grads.append(dx.astype(x.dtype, copy=False))
+        else:
+            grads.append(None)
+        k = 1
+        if self.has_weight:
+            grads.append(_sum_leading(g_out * xhat).astype(self.param_dtypes[0], copy=False)
+                         if self.needs_input_grad[k] else None)
+            k += 1
+        if self.has_bias:
+            grads.append(_sum_leading(g_out).astype(self.param_dtypes[-1], copy=False)
+                         if self.needs_input_grad[k] else None)
+        return tuple(grads)
+
+
+class RMSNormFunction(Function):
+    """y = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps) over the last axis (size N); no centring.
+
+    Forward saves x (already held by the graph) and ``rstd`` (one number per row).
+
+    Backward. Let xhat = x * rstd and g = gy * w. d rstd / d x_i = -rstd^3 x_i / N, so
+
+        dx_i = g_i rstd + sum_j g_j x_j (-rstd^3 x_i / N) = rstd * (g_i - xhat_i * mean_j(g_j xhat_j))
+
+    (LayerNorm's formula without the mean terms), and dw = sum_rows(gy * xhat).
+    """
+
+    def __init__(self, eps: float, has_weight: bool):
+        self.eps, self.has_weight = eps, has_weight
+
+    def forward(self, x, *params):
+        weight = params[0] if self.has_weight else None
+        _check_inputs("rms_norm", x, weight, None)
+        xp = get_array_module(x)
+        cd = _compute_dtype(x.dtype, *(p.dtype for p in params))
+        xc = x.astype(cd, copy=False)
+        rstd = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1)
+        rstd += cd.type(self.eps)
+        xp.sqrt(rstd, out=rstd)
+        xp.reciprocal(rstd, out=rstd)
+        y = xc * rstd  # fresh
+        if weight is not None:
+            y *= weight.astype(cd, copy=False)
+        self.x, self.rstd, self.weight = x, rstd, weight
+        return y.astype(x.dtype, copy=False)
+
+    def backward(self, gy):
+        x, weight = self.x, self.weight
+        cd = self.rstd.dtype
+        g_out = gy.astype(cd, copy=False)
+        xhat = x.astype(cd, copy=False) * self.rstd  # fresh: (..., C)
+        gx = gw = None
+        if self.needs_input_grad[0]:
+            g = g_out * weight.astype(cd, copy=False) if weight is not None else g_out
+            dx = xhat * (g * xhat).mean(axis=-1, keepdims=True)  # fresh
+            xp = get_array_module(dx)
+            xp.subtract(g, dx, out=dx)
+            dx *= self.rstd
+            gx = dx.astype(x.dtype, copy=False)
+        if weight is None:
+            return gx
+        if self.needs_input_grad[1]:
+            gw = _sum_leading(g_out * xhat).astype(weight.dtype, copy=False)
+        return gx, gw
+
+
+def _tensor_args(x, *params):
+    """x as a Tensor and the non-None parameters, wrapped like x."""
+    x = as_tensor(x)
+    return x, [p if isinstance(p, Tensor) else as_tensor(p, like=x) for p in params if p is not None]
+
+
+def layer_norm(x, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * weight + bias``, as one fused node.
+
+    ``weight`` and ``bias`` have shape ``(C,)`` for an input ``(..., C)``; either
+    may be None (no scale / no shift). float16 inputs are normalised in float32
+    and returned as float16.
+    """
+    eps = _check_eps(eps, "layer_norm")
+    x, params = _tensor_args(x, weight, bias)
+    return LayerNormFunction(eps, weight is not None, bias is not None)(x, *params)
+
+
+def rms_norm(x, weight=None, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last axis (Llama): ``x / sqrt(mean(x^2) + eps) * weight``, as one fused node.
+
+    ``weight`` has shape ``(C,)`` for an input ``(..., C)``, or is None. float16
+    inputs are normalised in float32 and returned as float16.
+    """
+    eps = _check_eps(eps, "rms_norm")
+    x, params = _tensor_args(x, weight)
+    return RMSNormFunction(eps, weight is not None)(x, *params)
+
+
+__all__ = ["LayerNormFunction", "RMSNormFunction", "layer_norm", "rms_norm"]
