@@ -1,0 +1,40 @@
+"""`python -m llm <command>`: one entry point for the project's jobs.
+
+Each command lives in its own module with a ``main(argv)`` function; this file
+only dispatches, so ``python -m llm demo --help`` shows that command's flags.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("llm.demo", "train a small character-level language model with the engine and watch its loss fall"),
+    "tokenizer": ("llm.tokenizer.cli", "train a byte-level BPE tokenizer, or encode / decode with one"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m llm <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += ["", "`python -m llm <command> --help` explains each command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"python -m llm: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
