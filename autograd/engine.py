@@ -19,7 +19,7 @@ import weakref
 
 import numpy as np
 
-from .backend import get_array_module, is_array
+from .backend import get_array_module, is_array, sum_in_float32
 
 # ---------------------------------------------------------------------------
 # grad mode
@@ -73,7 +73,7 @@ def sum_to(grad, shape):
     axes = tuple(range(lead)) + tuple(
         i + lead for i, n in enumerate(shape) if n == 1 and grad.shape[i + lead] != 1
     )
-    out = grad.sum(axis=axes, keepdims=True) if axes else grad
+    out = sum_in_float32(grad, axis=axes, keepdims=True) if axes else grad
     if lead:
         out = out.reshape(shape)  # drop the leading broadcast axes
     return out
@@ -184,6 +184,7 @@ def run_backward(root, grad, retain_graph: bool = False):
             _accumulate_leaf(root, grad, set())
         return
     _check_not_freed(root._creator)
+    uses = _count_leaf_uses(root) if _hooked_leaves else None
     # pending[node] = list of grad arrays, one per output of that node
     pending = {root._creator: [None] * root._creator.n_outputs}
     pending[root._creator][root._output_index] = grad
@@ -222,6 +223,11 @@ def run_backward(root, grad, retain_graph: bool = False):
             creator = x._creator
             if creator is None:
                 _accumulate_leaf(x, gx, handed_out)
+                if uses is not None and x._grad_hooks:
+                    uses[id(x)] -= 1
+                    if uses[id(x)] == 0:  # the last contribution of this pass: the gradient is final
+                        for hook in x._grad_hooks:
+                            hook(x)
                 continue
             slots = pending.get(creator)
             if slots is None:
@@ -241,6 +247,58 @@ def _check_not_freed(fn):
             "backward() reached a part of the graph that an earlier backward() already freed; "
             "pass retain_graph=True to the first backward() to go through it twice"
         )
+
+
+# number of leaves with post-accumulate-grad hooks; while 0, backward skips the counting pre-pass
+_hooked_leaves = 0
+
+
+def register_leaf_hook(t, hook):
+    """Implementation of ``Tensor.register_post_accumulate_grad_hook``."""
+    global _hooked_leaves
+    if t._creator is not None or not t.requires_grad:
+        raise RuntimeError("post-accumulate-grad hooks go on leaf tensors that require grad (parameters)")
+    if t._grad_hooks is None:
+        t._grad_hooks = []
+        _hooked_leaves += 1
+    t._grad_hooks.append(hook)
+
+    class Handle:
+        """``handle.remove()`` unregisters the hook."""
+
+        def remove(self):
+            global _hooked_leaves
+            if t._grad_hooks and hook in t._grad_hooks:
+                t._grad_hooks.remove(hook)
+                if not t._grad_hooks:
+                    t._grad_hooks = None
+                    _hooked_leaves -= 1
+
+    return Handle()
+
+
+def _count_leaf_uses(root):
+    """For each hooked leaf reachable from ``root``, how many graph edges feed its gradient.
+
+    A leaf used twice (a tied embedding) gets two contributions; its hook must
+    fire after the second. An iterative walk over the nodes, each visited once.
+    """
+    uses = {}
+    seen = {id(root._creator)}
+    stack = [root._creator]
+    while stack:
+        fn = stack.pop()
+        for x, need in zip(fn.inputs, fn.needs_input_grad):
+            if not need:
+                continue
+            creator = x._creator
+            if creator is None:
+                if x._grad_hooks:
+                    uses[id(x)] = uses.get(id(x), 0) + 1
+            elif id(creator) not in seen:
+                seen.add(id(creator))
+                stack.append(creator)
+    return uses
 
 
 def _accumulate_leaf(t, gx, handed_out):

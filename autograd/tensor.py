@@ -37,7 +37,7 @@ class Tensor:
     """
 
     __slots__ = ("data", "grad", "requires_grad", "name", "_creator", "_output_index", "_generation",
-                 "_retains_grad", "__weakref__")
+                 "_retains_grad", "_grad_hooks", "__weakref__")
 
     # NumPy defers to our reflected operators: `np_array * tensor` gives a Tensor
     __array_ufunc__ = None
@@ -63,6 +63,7 @@ class Tensor:
         self._output_index = 0
         self._generation = 0
         self._retains_grad = False
+        self._grad_hooks = None
 
     @classmethod
     def _wrap(cls, array, requires_grad: bool) -> "Tensor":
@@ -76,6 +77,7 @@ class Tensor:
         t._output_index = 0
         t._generation = 0
         t._retains_grad = False
+        t._grad_hooks = None
         return t
 
     # -- array facts ---------------------------------------------------------
@@ -150,6 +152,14 @@ class Tensor:
         """Keep ``.grad`` on this non-leaf tensor after ``backward()`` (leaves always keep theirs)."""
         self._retains_grad = True
         return self
+
+    def register_post_accumulate_grad_hook(self, hook):
+        """Call ``hook(tensor)`` once per ``backward()``, when this leaf's ``.grad`` has received its last
+        contribution of that pass (PyTorch's name). Data parallelism starts a gradient bucket's
+        all-reduce from here, overlapping communication with the rest of the backward pass.
+        Returns a handle whose ``remove()`` unregisters the hook.
+        """
+        return engine.register_leaf_hook(self, hook)
 
     def to(self, target) -> "Tensor":
         """Move to a device ("cpu", "cuda") or cast to a dtype; differentiable either way."""

@@ -6,7 +6,7 @@
     ['weight', 'bias']
 """
 
-from . import functional, init, optim
+from . import amp, functional, init, optim
 from .layers import (MLP, GELU, Block, CausalSelfAttention, Dropout, Embedding, Identity, KVCache, LayerNorm, Linear,
                      RMSNorm, SiLU, SwiGLU, linear, llama_hidden_dim)
 from .module import IncompatibleKeys, Module, ModuleDict, ModuleList, Parameter, Sequential, functional_call
@@ -15,5 +15,5 @@ __all__ = [
     "Module", "Parameter", "ModuleList", "ModuleDict", "Sequential", "IncompatibleKeys", "functional_call",
     "Linear", "linear", "Embedding", "Dropout", "GELU", "SiLU", "Identity", "MLP", "SwiGLU", "llama_hidden_dim",
     "LayerNorm", "RMSNorm", "CausalSelfAttention", "KVCache", "Block",
-    "init", "optim", "functional",
+    "init", "optim", "functional", "amp",
 ]

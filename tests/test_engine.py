@@ -209,3 +209,22 @@ def test_multi_output_function_with_an_unused_output(xp):
     first, _ = SplitHalves()(x)
     (first * 2.0).backward(xp.ones(2))
     np.testing.assert_array_equal(to_device(x.grad, "cpu"), [2.0, 2.0, 0.0, 0.0])
+
+
+def test_post_accumulate_grad_hook_fires_once_after_the_last_contribution(xp):
+    w = leaf(xp, np.array([1.0, 2.0]))  # used twice, like a tied embedding
+    b = leaf(xp, np.array([3.0, 4.0]))
+    seen = []
+    hw = w.register_post_accumulate_grad_hook(lambda t: seen.append(("w", to_device(t.grad, "cpu").copy())))
+    b.register_post_accumulate_grad_hook(lambda t: seen.append(("b", to_device(t.grad, "cpu").copy())))
+    y = (w * 2.0 + b) * w  # dy/dw = 4w + b, arriving in two contributions
+    y.backward(xp.ones(2))
+    assert [name for name, _ in seen] == ["b", "w"] or [name for name, _ in seen] == ["w", "b"]
+    assert len(seen) == 2
+    np.testing.assert_array_equal(dict(seen)["w"], [4.0 + 3.0, 8.0 + 4.0])  # the final gradient, not a partial one
+    hw.remove()
+    seen.clear()
+    (w * b).backward(xp.ones(2))
+    assert [name for name, _ in seen] == ["b"]
+    with pytest.raises(RuntimeError, match="leaf"):
+        (w * 2.0).register_post_accumulate_grad_hook(lambda t: None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numbers
 
 from ..backend import get_array_module
+from ..backend import quiet_fp_errors as _quiet
 from ..engine import Function
 from ..tensor import Tensor
 
@@ -113,11 +114,6 @@ class Pow(Function):
         return ga, gb
 
 
-def _quiet(xp):
-    """Silence NumPy's floating-point warnings for a block (log of 0, and so on)."""
-    import contextlib
-
-    return xp.errstate(divide="ignore", invalid="ignore") if hasattr(xp, "errstate") else contextlib.nullcontext()
 
 
 def add(a, b) -> Tensor:

@@ -13,13 +13,13 @@ engine sums them back to each input's shape.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 
 import numpy as np
 
 from ..backend import get_array_module, is_array
+from ..backend import quiet_fp_errors as _quiet
 from ..engine import Function
 from ..tensor import Tensor, as_tensor
 from .special import erf as _erf
@@ -30,9 +30,6 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _GELU_CUBIC = 0.044715
 
 
-def _quiet(xp):
-    """Silence NumPy's floating-point warnings for a block (division by 0 in a backward, and so on)."""
-    return xp.errstate(divide="ignore", invalid="ignore") if hasattr(xp, "errstate") else contextlib.nullcontext()
 
 
 def _floating(x):

@@ -13,13 +13,13 @@ training relies on this.
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 
 import numpy as np
 
 from .. import backend
 from ..backend import get_array_module
+from ..backend import quiet_fp_errors as _quiet
 from ..engine import Function
 from ..tensor import Tensor, as_tensor
 
@@ -28,9 +28,7 @@ from ..tensor import Tensor, as_tensor
 # ---------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype):
-    """float16 -> float32 (reductions need the digits); float32 and float64 stay as they are."""
-    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+_compute_dtype = backend.accumulation_dtype  # half precision is computed in float32
 
 
 def _check_float(x, name):
@@ -51,9 +49,6 @@ def _normalize_axis(axis, ndim, name):
     return int(axis) % ndim
 
 
-def _quiet(xp):
-    """Silence NumPy's floating-point warnings (0/0 for an all-ignored mean) for a block."""
-    return xp.errstate(divide="ignore", invalid="ignore") if hasattr(xp, "errstate") else contextlib.nullcontext()
 
 
 def _index_array(ids, like):
@@ -316,9 +311,9 @@ class Embedding(Function):
             return None, None
         xp = get_array_module(gy)
         C = gy.shape[-1]
-        gw = xp.zeros((self.V, C), dtype=gy.dtype)
+        gw = xp.zeros((self.V, C), dtype=backend.accumulation_dtype(gy.dtype))  # frequent ids sum many rows
         backend.scatter_add(gw, self.ids.reshape(-1), gy.reshape(-1, C))  # (n_ids,), (n_ids, C)
-        return gw, None
+        return gw.astype(gy.dtype, copy=False), None
 
 
 def embedding(weight, ids) -> Tensor:

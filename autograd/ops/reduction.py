@@ -11,7 +11,8 @@ from __future__ import annotations
 import numbers
 import operator
 
-from ..backend import get_array_module
+from ..backend import accumulation_dtype, get_array_module, sum_in_float32
+from ..backend import quiet_fp_errors as _quiet
 from ..engine import Function, is_grad_enabled
 from ..tensor import Tensor
 
@@ -103,7 +104,7 @@ class Sum(_Reduction):
 
     def forward(self, x):
         self._setup(x)
-        return x.sum(axis=self.axes, keepdims=self.keepdims)
+        return sum_in_float32(x, axis=self.axes, keepdims=self.keepdims)
 
     def backward(self, gy):
         xp = get_array_module(gy)
@@ -120,7 +121,8 @@ class Mean(_Reduction):
 
     def forward(self, x):
         self._setup(x)
-        return x.mean(axis=self.axes, keepdims=self.keepdims)
+        acc = accumulation_dtype(x.dtype)  # float16 is averaged in float32
+        return x.mean(axis=self.axes, keepdims=self.keepdims, dtype=acc).astype(x.dtype, copy=False)
 
     def backward(self, gy):
         xp = get_array_module(gy)
@@ -151,15 +153,17 @@ class Var(_Reduction):
         if n - self.ddof <= 0:
             raise ValueError(f"var over {n} element(s) with ddof={self.ddof} divides by N - ddof = {n - self.ddof}; "
                              f"reduce over more elements or lower ddof (ddof=0 is the population variance)")
+        in_dtype = x.dtype
+        x = x.astype(accumulation_dtype(in_dtype), copy=False)  # float16 squares overflow past 256
         d = x - x.mean(axis=self.axes, keepdims=True)
         self.d = d
         self.denom = n - self.ddof
         y = (d * d).sum(axis=self.axes, keepdims=self.keepdims)
-        return y / d.dtype.type(self.denom)
+        return (y / d.dtype.type(self.denom)).astype(in_dtype, copy=False)
 
     def backward(self, gy):
         scale = self._keep(gy) * gy.dtype.type(2.0 / self.denom)  # small array: (in_shape with reduced axes = 1)
-        return scale * self.d
+        return (scale * self.d).astype(gy.dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------
@@ -227,6 +231,8 @@ class LogSumExp(_Reduction):
     def forward(self, x):
         xp = get_array_module(x)
         self._setup(x)
+        in_dtype = x.dtype
+        x = x.astype(accumulation_dtype(in_dtype), copy=False)  # float16: the sum of exps needs float32
         keep = _keep_shape(x.shape, self.axes)
         if x.size == 0:
             m = xp.zeros(keep, dtype=x.dtype)
@@ -240,19 +246,12 @@ class LogSumExp(_Reduction):
         with _quiet(xp):  # log(0) = -inf is the right answer when every x is -inf
             y = xp.log(total) + m
         self.s, self.total = s, total
-        return self._out(y)
+        return self._out(y).astype(in_dtype, copy=False)
 
     def backward(self, gy):
         xp = get_array_module(gy)
         with _quiet(xp):
-            return (self._keep(gy) / self.total) * self.s
-
-
-def _quiet(xp):
-    """Silence NumPy's floating-point warnings for a block (log of 0, and so on)."""
-    import contextlib
-
-    return xp.errstate(divide="ignore", invalid="ignore") if hasattr(xp, "errstate") else contextlib.nullcontext()
+            return ((self._keep(gy) / self.total) * self.s).astype(gy.dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------

@@ -32,14 +32,12 @@ import numbers
 import numpy as np
 
 from autograd import backend
-from autograd.backend import get_array_module
+from autograd.backend import accumulation_dtype, get_array_module
 from autograd.engine import Function
 from autograd.tensor import Tensor, as_tensor
 
 
-def _compute_dtype(dtype):
-    """float16 -> float32 (softmax needs the range and the digits); float32 / float64 unchanged."""
-    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+_compute_dtype = accumulation_dtype  # half precision: softmax needs float32's range and digits
 
 
 def causal_mask_bias(xp, T: int, S: int, dtype):

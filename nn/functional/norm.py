@@ -17,15 +17,12 @@ import numbers
 
 import numpy as np
 
-from autograd.backend import get_array_module
+from autograd.backend import accumulation_dtype, get_array_module
 from autograd.engine import Function
 from autograd.tensor import Tensor, as_tensor
 
 
-def _compute_dtype(*dtypes):
-    """The dtype the statistics are computed in: float32 if any input is float16 or float32, else float64."""
-    wide = np.result_type(*dtypes)
-    return np.dtype(np.float32) if wide == np.float16 else np.dtype(wide)
+_compute_dtype = accumulation_dtype  # statistics of half-precision inputs are computed in float32
 
 
 def _check_eps(eps, name):

@@ -32,7 +32,7 @@ import numbers
 import numpy as np
 
 from autograd import backend
-from autograd.backend import get_array_module
+from autograd.backend import accumulation_dtype, get_array_module
 from autograd.engine import Function
 from autograd.tensor import Tensor, as_tensor
 
@@ -102,7 +102,7 @@ class Rotary(Function):
     def forward(self, x):
         xp = get_array_module(x)
         half = x.shape[-1] // 2
-        cd = np.dtype(np.float32) if x.dtype == np.float16 else x.dtype
+        cd = accumulation_dtype(x.dtype)
         c = self.cos = self.cos.astype(cd, copy=False)
         s = self.sin = self.sin.astype(cd, copy=False)
         x1 = x[..., :half].astype(cd, copy=False)

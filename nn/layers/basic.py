@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 import autograd
+from autograd.backend import sum_in_float32
 from autograd.engine import Function
 from autograd.tensor import Tensor
 
@@ -54,7 +55,7 @@ class LinearFunction(Function):
         if self.needs_input_grad[1]:
             gw = self.x2.T @ g2  # (in, out)
         if self.has_bias and self.needs_input_grad[2]:
-            gb = g2.sum(axis=0)  # (out,)
+            gb = sum_in_float32(g2, axis=0)  # (out,)
         return (gx, gw, gb) if self.has_bias else (gx, gw)
 
 
