@@ -124,3 +124,12 @@ def quiet_fp_errors(xp):
     import contextlib
 
     return xp.errstate(divide="ignore", invalid="ignore") if hasattr(xp, "errstate") else contextlib.nullcontext()
+
+
+def is_dtype_name(s: str) -> bool:
+    """True for strings NumPy reads as a dtype ("float16", "f4"), False for others ("cpu", "cuda")."""
+    try:
+        np.dtype(s)
+        return True
+    except TypeError:
+        return False

@@ -12,6 +12,7 @@ import numbers
 import numpy as np
 
 from . import backend
+from .backend import is_dtype_name
 from . import engine
 from .engine import run_backward
 
@@ -165,7 +166,7 @@ class Tensor:
         """Move to a device ("cpu", "cuda") or cast to a dtype; differentiable either way."""
         from .ops.conversion import astype, to_device
 
-        if isinstance(target, str) and not _is_dtype_name(target):
+        if isinstance(target, str) and not is_dtype_name(target):
             return to_device(self, target)
         return astype(self, target)
 
@@ -202,13 +203,6 @@ class Tensor:
                 raise ValueError(f"backward(grad=...) got shape {grad.shape}, but the tensor has shape {self.shape}")
         run_backward(self, grad, retain_graph=retain_graph)
 
-
-def _is_dtype_name(s: str) -> bool:
-    try:
-        np.dtype(s)
-        return True
-    except TypeError:
-        return False
 
 
 def as_tensor(x, like: Tensor | None = None) -> Tensor:

@@ -27,6 +27,7 @@ from collections import OrderedDict, namedtuple
 
 import numpy as np
 
+from autograd.backend import is_dtype_name
 from autograd import backend
 from autograd.tensor import Tensor
 
@@ -289,7 +290,7 @@ class Module:
         ``.grad`` arrays are replaced), so an optimizer built before the move
         still holds them. Moving is a no-op for arrays already on the device.
         """
-        if isinstance(target, str) and not _is_dtype_name(target):
+        if isinstance(target, str) and not is_dtype_name(target):
             device = backend.normalize_device(target)
 
             def convert(a):
@@ -425,13 +426,6 @@ class Module:
         head = f"{type(self).__name__}({extra}" if extra else f"{type(self).__name__}("
         return head + "\n" + "\n".join(lines) + "\n)"
 
-
-def _is_dtype_name(s: str) -> bool:
-    try:
-        np.dtype(s)
-        return True
-    except TypeError:
-        return False
 
 
 def _copy_into(target, value):
