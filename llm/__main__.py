@@ -11,6 +11,8 @@ import sys
 
 COMMANDS = {
     "demo": ("llm.demo", "train a small character-level language model with the engine and watch its loss fall"),
+    "generate": ("llm.generate", "continue a prompt with a trained checkpoint (greedy, temperature, top-k, top-p)"),
+    "size": ("llm.sizing", "parameter count, training FLOPs per token and compute-optimal tokens of a model preset"),
     "tokenizer": ("llm.tokenizer.cli", "train a byte-level BPE tokenizer, or encode / decode with one"),
 }
 

@@ -1,0 +1,331 @@
+"""The GPT: GPT-2's architecture (and a Llama-style variant) on top of ``nn``.
+
+    >>> import numpy as np
+    >>> from llm.model import GPT, get_preset
+    >>> config = get_preset("tiny", vocab_size=256)
+    >>> model = GPT(config, generator=np.random.default_rng(0))
+    >>> ids = np.zeros((2, 8), dtype=np.int64)
+    >>> logits, loss = model(ids, targets=ids)
+    >>> logits.shape
+    (2, 8, 256)
+
+The computation, for token ids of shape (B, T) (Radford et al. 2019, nanoGPT)::
+
+    x = wte[ids] + wpe[offset : offset + T]      # (B, T, C); no wpe with RoPE
+    x = dropout(x)
+    for block in h:                              # pre-norm residual blocks
+        x = x + attn(ln_1(x))
+        x = x + mlp(ln_2(x))
+    logits = ln_f(x) @ wte.T                     # tied head (B, T, V); untied: lm_head(ln_f(x))
+
+Parameter names are GPT-2's (Hugging Face's without the ``transformer.``
+prefix): ``wte.weight``, ``wpe.weight``, ``h.0.ln_1.weight``,
+``h.0.attn.c_attn.weight`` (stored ``(in, out)``), ..., ``ln_f.weight``, and
+``lm_head.weight`` ``(n_embd, vocab_size)`` only when the head is untied.
+
+Presets are data (``PRESETS``): "gpt2" is exactly GPT-2 small (124,439,808
+parameters), "llama" and "llama-tiny" switch on RMSNorm, RoPE, grouped-query
+attention, SwiGLU, no biases and an untied head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+import autograd
+import nn
+from autograd import backend
+from autograd.engine import Function
+from autograd.tensor import Tensor
+
+_MLPS = ("gelu", "swiglu")
+_NORMS = ("layernorm", "rmsnorm")
+_POS = ("learned", "rope")
+
+#: SwiGLU hidden sizes are rounded up to a multiple of this (Llama's ``multiple_of``)
+SWIGLU_MULTIPLE_OF = 256
+
+
+# ---------------------------------------------------------------------------
+# config and presets
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class GPTConfig:
+    """Every number and switch that defines a GPT; ``asdict(config)`` is what checkpoints store.
+
+    ``n_kv_head``: None means ``n_head`` (multi-head attention), 1 is multi-query,
+    anything between that divides ``n_head`` is grouped-query attention.
+    ``mlp``: "gelu" (GPT-2's 4x MLP with tanh-GELU) or "swiglu" (Llama's).
+    ``norm``: "layernorm" (GPT-2) or "rmsnorm" (Llama), with epsilon ``norm_eps``.
+    ``pos``: "learned" absolute position embeddings ``wpe`` (GPT-2) or "rope".
+    ``tie_embeddings``: the output head reuses ``wte`` (logits = x @ wte.T).
+    ``mlp_hidden_dim``: None means ``4 * n_embd`` for "gelu" and Llama's rule
+    (2/3 of 4 * n_embd rounded up to a multiple of 256) for "swiglu".
+    """
+
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None
+    n_embd: int = 768
+    mlp: str = "gelu"
+    norm: str = "layernorm"
+    pos: str = "learned"
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    bias: bool = True
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    mlp_hidden_dim: int | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            _check_positive_int(name, getattr(self, name))
+        if self.n_kv_head is not None:
+            _check_positive_int("n_kv_head", self.n_kv_head)
+        if self.mlp_hidden_dim is not None:
+            _check_positive_int("mlp_hidden_dim", self.mlp_hidden_dim)
+        for name, choices in (("mlp", _MLPS), ("norm", _NORMS), ("pos", _POS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"GPTConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"pick n_head among the divisors of {self.n_embd}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"GPTConfig: n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
+                             "every kv head must serve the same number of query heads")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"GPTConfig: RoPE needs an even head_dim, but n_embd / n_head = {self.head_dim}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not float(self.norm_eps) > 0.0:
+            raise ValueError(f"GPTConfig.norm_eps must be positive, got {self.norm_eps}")
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head: ``n_embd // n_head``."""
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads (``n_kv_head``, or ``n_head`` when it is None)."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def hidden_dim(self) -> int:
+        """The MLP's hidden width as built: ``mlp_hidden_dim`` or the rule of ``mlp``."""
+        if self.mlp_hidden_dim is not None:
+            return self.mlp_hidden_dim
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return nn.llama_hidden_dim(self.n_embd, SWIGLU_MULTIPLE_OF)
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+
+
+_LLAMA = dict(mlp="swiglu", norm="rmsnorm", pos="rope", bias=False, tie_embeddings=False)
+
+#: Named configurations. "llama" is the Llama architecture at GPT-2 small's size (and vocabulary);
+#: "tiny" and "small" are for CPU experiments (set ``vocab_size`` to the tokenizer's ``n_vocab``).
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
+    "llama": GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_kv_head=4, n_embd=768, **_LLAMA),
+    "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64),
+    "small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    "llama-tiny": GPTConfig(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=64, **_LLAMA),
+}
+
+
+def get_preset(name: str, **overrides) -> GPTConfig:
+    """A fresh copy of preset ``name`` with ``overrides`` applied, e.g. ``get_preset("tiny", vocab_size=512)``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; the presets are: {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown GPTConfig field(s) {unknown}; the fields are: {', '.join(sorted(fields))}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# ---------------------------------------------------------------------------
+# the tied output head, one fused op
+# ---------------------------------------------------------------------------
+
+
+class TiedHead(Function):
+    """logits = x @ W^T for x (..., C) and the embedding table W (V, C), as one node.
+
+    With X = x flattened to (N, C) and G = dL/dlogits flattened to (N, V):
+
+        dL/dX = G @ W          (N, C)
+        dL/dW = G^T @ X        (V, C): already the table's layout, so the
+                               gradient adds to the embedding's own gradient
+                               with no transposed copy.
+
+    (``x @ wte.weight.T`` through ``transpose`` and ``matmul`` computes the
+    same, but its weight gradient comes back as a transposed (C, V) view that
+    the engine must copy, and a 3-D ``x`` would build one (C, V) product per
+    batch element before summing them.)
+    """
+
+    def forward(self, x, w):
+        if w.ndim != 2 or x.shape[-1] != w.shape[1]:
+            raise ValueError(f"tied head: activations of shape {x.shape} do not fit an embedding table of shape "
+                             f"{w.shape}; the last axis must be n_embd={w.shape[-1]}")
+        self.lead = x.shape[:-1]
+        self.x2 = x.reshape(-1, w.shape[1])  # (N, C)
+        self.w = w
+        return (self.x2 @ w.T).reshape(*self.lead, w.shape[0])  # (N, V) -> (..., V)
+
+    def backward(self, gy):
+        w = self.w
+        g2 = gy.reshape(-1, w.shape[0])  # (N, V)
+        gx = gw = None
+        if self.needs_input_grad[0]:
+            gx = (g2 @ w).reshape(*self.lead, w.shape[1])  # (N, C) -> (..., C)
+        if self.needs_input_grad[1]:
+            gw = g2.T @ self.x2  # (V, C)
+        return gx, gw
+
+
+def tied_head(x, weight) -> Tensor:
+    """``x @ weight.T`` with ``weight`` an embedding table (V, C): the logits of a tied output head."""
+    return TiedHead()(x, weight)
+
+
+# ---------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    """A decoder-only Transformer language model built from ``nn`` layers (see the module docstring).
+
+    ``generator`` (a ``numpy.random.Generator``) draws every initial weight, in
+    the order wte, wpe, h.0 .. h.{n_layer-1}, lm_head, with GPT-2's scheme
+    (N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 n_layer)), zero
+    biases, unit norm gains); two models built from equal generators are
+    bitwise identical. ``dtype`` is the parameters' dtype (float32; float64 for
+    gradient checks).
+    """
+
+    def __init__(self, config: GPTConfig, generator: np.random.Generator | None = None, dtype=np.float32):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT needs a GPTConfig, got {type(config).__name__}; e.g. GPT(get_preset('tiny'))")
+        self.config = config
+        c = config
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd, generator=generator, dtype=dtype)
+        if c.pos == "learned":
+            self.wpe = nn.Embedding(c.block_size, c.n_embd, generator=generator, dtype=dtype)
+        else:
+            self.wpe = None
+        self.drop = nn.Dropout(c.dropout)
+        self.h = nn.ModuleList([
+            nn.Block(c.n_embd, c.n_head, c.n_kv_head, mlp=c.mlp, norm=c.norm, rope=c.pos == "rope", bias=c.bias,
+                     dropout=c.dropout, n_layer=c.n_layer, block_size=c.block_size, rope_base=c.rope_base,
+                     norm_eps=c.norm_eps, mlp_hidden_dim=c.hidden_dim, multiple_of=SWIGLU_MULTIPLE_OF,
+                     generator=generator, dtype=dtype)
+            for _ in range(c.n_layer)
+        ])
+        if c.norm == "layernorm":
+            self.ln_f = nn.LayerNorm(c.n_embd, eps=c.norm_eps, bias=c.bias, dtype=dtype)
+        else:
+            self.ln_f = nn.RMSNorm(c.n_embd, eps=c.norm_eps, dtype=dtype)
+        if c.tie_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False, generator=generator, dtype=dtype)
+
+    # -- helpers -------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        """"cpu" or "cuda": where the parameters live."""
+        return self.wte.weight.device
+
+    def _as_ids(self, ids, what: str):
+        """Integer ids as an array on the parameters' device (from an array, a Tensor or nested lists)."""
+        if isinstance(ids, Tensor):
+            ids = ids.data
+        if not backend.is_array(ids):
+            ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"GPT: {what} must be integer token ids, got dtype {ids.dtype}; "
+                            "e.g. np.asarray(ids, dtype=np.int64)")
+        return backend.to_device(ids, self.device)
+
+    def new_kv_caches(self, max_len: int | None = None) -> list:
+        """One empty ``nn.KVCache`` per layer, each holding up to ``max_len`` positions (default: block_size)."""
+        max_len = self.config.block_size if max_len is None else max_len
+        return [nn.KVCache(max_len) for _ in range(self.config.n_layer)]
+
+    # -- forward -------------------------------------------------------------
+    def forward(self, ids, targets=None, kv_caches=None, last_only: bool = False):
+        """Logits ``(B, T, V)`` for token ids ``(B, T)``, and the mean cross-entropy against ``targets``.
+
+        ``targets`` (B, T): the next token at each position, ``-100`` where no
+        loss is wanted; the loss is None without targets. ``kv_caches`` (from
+        ``new_kv_caches``): the new tokens sit at positions
+        ``kv_caches[0].offset ..`` and attend to every cached one.
+        ``last_only=True`` computes the logits of the last position only
+        ``(B, 1, V)``, all that sampling needs (not allowed with targets).
+        """
+        c = self.config
+        ids = self._as_ids(ids, "ids")
+        if ids.ndim != 2:
+            raise ValueError(f"GPT: ids must have shape (B, T), got {ids.shape}; for one sequence use ids[None]")
+        B, T = ids.shape
+        if T == 0:
+            raise ValueError("GPT: ids has no positions (T == 0); pass at least one token")
+        offset = 0
+        if kv_caches is not None:
+            if len(kv_caches) != c.n_layer:
+                raise ValueError(f"GPT: got {len(kv_caches)} KV caches for {c.n_layer} layers; "
+                                 "use model.new_kv_caches()")
+            offset = kv_caches[0].offset
+        if offset + T > c.block_size:
+            raise ValueError(f"GPT: {offset} cached + {T} new positions = {offset + T} exceed block_size="
+                             f"{c.block_size}; crop the context to the last {c.block_size} tokens")
+        if last_only and targets is not None:
+            raise ValueError("GPT: last_only=True gives no logits for most targets; use it only to sample")
+
+        x = self.wte(ids)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe.weight[offset:offset + T]  # (T, C) broadcast over B: rows offset .. offset+T-1
+        x = self.drop(x)
+        for i, block in enumerate(self.h):
+            x = block(x, kv_cache=None if kv_caches is None else kv_caches[i])
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        x = self.ln_f(x)
+        logits = tied_head(x, self.wte.weight) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
+
+        loss = None
+        if targets is not None:
+            targets = self._as_ids(targets, "targets")
+            if targets.shape != (B, T):
+                raise ValueError(f"GPT: targets of shape {targets.shape} must match ids of shape {(B, T)}")
+            V = logits.shape[-1]
+            loss = autograd.cross_entropy(logits.reshape(B * T, V),  # (B*T, V)
+                                          targets.reshape(B * T),  # (B*T,)
+                                          ignore_index=-100)
+        return logits, loss
+
+    def extra_repr(self):
+        c = self.config
+        return (f"n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, vocab_size={c.vocab_size}, "
+                f"block_size={c.block_size}, tied={c.tie_embeddings}")
+
+
+__all__ = ["GPTConfig", "PRESETS", "get_preset", "GPT", "TiedHead", "tied_head", "SWIGLU_MULTIPLE_OF"]
