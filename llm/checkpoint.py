@@ -42,6 +42,7 @@ from autograd import backend
 from autograd.tensor import Tensor
 
 from . import safetensors as st
+from .atomic import atomic_open
 from .model import GPT, GPTConfig
 
 #: the value of metadata["format"] in a model checkpoint
@@ -96,18 +97,7 @@ def _header_digest(index: dict, metadata: dict) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def _fsync_dir(folder: str):
-    """fsync a folder so that a rename inside it is durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+
 
 
 def save_checkpoint(path, tensors: dict, metadata: dict | None = None) -> None:
@@ -122,22 +112,8 @@ def save_checkpoint(path, tensors: dict, metadata: dict | None = None) -> None:
     meta = _encode_metadata(metadata or {})
     meta[HEADER_CHECKSUM_KEY] = _header_digest(st.layout(arrays), meta)
     meta[CHECKSUM_KEY] = st.data_sha256(arrays)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            st.write(f, arrays, meta)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
+    with atomic_open(path, "wb") as f:
+        st.write(f, arrays, meta)
 
 
 def load_checkpoint(path, verify: bool = True) -> tuple[dict, dict]:

