@@ -34,7 +34,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 
@@ -164,22 +163,14 @@ def load_checkpoint(path, verify: bool = True) -> tuple[dict, dict]:
 
 def tokenizer_to_json(tokenizer) -> str:
     """The tokenizer's JSON text (its ``save`` format), for storing inside a checkpoint."""
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "tokenizer.json")
-        tokenizer.save(p)
-        with open(p, encoding="utf-8") as f:
-            return f.read()
+    return tokenizer.to_json()
 
 
 def tokenizer_from_json(text: str):
     """A ``Tokenizer`` from the JSON text ``tokenizer_to_json`` produced."""
     from .tokenizer import Tokenizer
 
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "tokenizer.json")
-        with open(p, "w", encoding="utf-8") as f:
-            f.write(text)
-        return Tokenizer.load(p)
+    return Tokenizer.from_json(text, "the checkpoint's tokenizer")
 
 
 def _check_vocab(tokenizer, config: GPTConfig, where: str):

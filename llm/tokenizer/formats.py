@@ -60,7 +60,7 @@ def bytes_to_unicode():
 
 
 
-def _read_text(path, what):
+def read_text(path, what):
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -101,8 +101,12 @@ def dump_json(ranks, special_tokens, pattern, merges=None):
 
 
 def load_json(path):
-    """Parse our JSON format: ``(ranks, special_tokens, pattern, merges or None)``; raises TokenizerFormatError."""
-    text = _read_text(path, "tokenizer")
+    """Read our JSON format from a file: ``(ranks, special_tokens, pattern, merges or None)``."""
+    return parse_json(read_text(path, "tokenizer"), path)
+
+
+def parse_json(text, path="<tokenizer JSON>"):
+    """Parse our JSON format (``path`` names the source in errors); raises TokenizerFormatError."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -158,7 +162,7 @@ def dump_tiktoken(ranks):
 
 def load_tiktoken(path):
     """Parse a tiktoken rank file (as tiktoken.load.load_tiktoken_bpe does); returns ``ranks`` (bytes -> rank)."""
-    text = _read_text(path, "tiktoken rank")
+    text = read_text(path, "tiktoken rank")
     ranks = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -205,7 +209,7 @@ def load_gpt2(encoder_json_path, vocab_bpe_path, special_tokens=("<|endoftext|>"
     table. Each merge of ``vocab.bpe`` must join two tokens into a token of ``encoder.json``, and the
     merges must come in increasing id order, since the id is the merge priority here (as in tiktoken).
     """
-    text = _read_text(encoder_json_path, "GPT-2 encoder.json")
+    text = read_text(encoder_json_path, "GPT-2 encoder.json")
     try:
         encoder = json.loads(text)
     except json.JSONDecodeError as e:
@@ -228,7 +232,7 @@ def load_gpt2(encoder_json_path, vocab_bpe_path, special_tokens=("<|endoftext|>"
             raise TokenizerFormatError(f"{encoder_json_path}: tokens {s!r} and another both spell the bytes {b!r}")
         ranks[b] = i
         str_id[s] = i
-    bpe = _read_text(vocab_bpe_path, "GPT-2 vocab.bpe").splitlines()
+    bpe = read_text(vocab_bpe_path, "GPT-2 vocab.bpe").splitlines()
     merges = []
     last_new = -1
     for lineno, line in enumerate(bpe, 1):

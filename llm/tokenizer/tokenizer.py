@@ -376,18 +376,27 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------------------------- files
 
+    def to_json(self) -> str:
+        """The tokenizer in our JSON format (``formats`` documents it), as text."""
+        return formats.dump_json(self._ranks, self._special, self.pattern, self._merges)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<tokenizer JSON>"):
+        """A tokenizer from ``to_json`` text; errors raise ``TokenizerFormatError`` naming ``source``."""
+        ranks, specials, pattern, merges = formats.parse_json(text, source)
+        try:
+            return cls(ranks, specials, pattern, merges=merges)
+        except ValueError as e:
+            raise formats.TokenizerFormatError(f"{source}: {e}") from None
+
     def save(self, path):
-        """Write the tokenizer in our JSON format (``formats`` documents it), atomically."""
-        write_text_atomic(path, formats.dump_json(self._ranks, self._special, self.pattern, self._merges))
+        """Write the tokenizer in our JSON format, atomically."""
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path):
         """Read a tokenizer written by ``save``. A corrupt file raises ``TokenizerFormatError`` naming the problem."""
-        ranks, specials, pattern, merges = formats.load_json(path)
-        try:
-            return cls(ranks, specials, pattern, merges=merges)
-        except ValueError as e:
-            raise formats.TokenizerFormatError(f"{path}: {e}") from None
+        return cls.from_json(formats.read_text(path, "tokenizer"), str(path))
 
     def save_tiktoken_file(self, path):
         """Write the ordinary tokens as a tiktoken rank file (``base64 rank`` lines).
