@@ -1,0 +1,77 @@
+"""Fixtures for tests that run under mpirun (``-m mpi``): the world communicator and cross-rank assertions.
+
+Run (see .ci/run)::
+
+    mpirun -n 2 --oversubscribe .venv/bin/python -m mpi4py -m pytest -m mpi tests/mpi -q -p no:cacheprovider
+    mpirun -n 4 --oversubscribe ...
+
+Every rank runs every test. An assertion that fails on one rank only must not
+leave the others waiting in the next collective, so every check goes through
+``assert_all_ranks(comm, condition, message)``: an all-gather of the pass flag
+and the message, then the same AssertionError (naming the failing ranks) on
+every rank. Any *other* exception escaping a test while more than one rank runs
+(a bug, or a bare ``assert``) may have happened on one rank only: the plugin below
+prints it and aborts the whole job at once instead of letting it hang.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from parallel.comm import get_world
+
+
+class AllRanksAssertionError(AssertionError):
+    """Raised by ``assert_all_ranks`` on every rank at once: safe to let pytest report."""
+
+
+def assert_all_ranks(comm, condition, message: str = ""):
+    """Assert ``condition`` on every rank of ``comm`` together.
+
+    Every rank must call it (it is a collective). If the condition is False on
+    any rank, every rank raises ``AllRanksAssertionError`` listing the failing
+    ranks and their messages.
+    """
+    ok = bool(condition)
+    results = comm.allgather((ok, "" if ok else str(message)))
+    failed = [(r, m) for r, (passed, m) in enumerate(results) if not passed]
+    if failed:
+        detail = "; ".join(f"rank {r}: {m}" for r, m in failed)
+        raise AllRanksAssertionError(f"failed on rank(s) {[r for r, _ in failed]} of {comm.size}: {detail}")
+
+
+@pytest.fixture(scope="session")
+def comm():
+    """The world communicator (size > 1 under mpirun)."""
+    return get_world()
+
+
+@pytest.fixture(name="assert_all_ranks")
+def assert_all_ranks_fixture():
+    """The ``assert_all_ranks(comm, condition, message)`` function."""
+    return assert_all_ranks
+
+
+@pytest.fixture(autouse=True)
+def _lockstep(comm):
+    """A barrier after every test: all ranks leave a test together (and a desync shows up here, not later)."""
+    yield
+    comm.barrier()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Abort the job when a test raised something other than a combined assertion on one rank (no hang)."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.when != "call" or not report.failed or call.excinfo is None:
+        return
+    comm = get_world()
+    if comm.size > 1 and not isinstance(call.excinfo.value, AllRanksAssertionError):
+        sys.stderr.write(f"\nrank {comm.rank}: {item.nodeid} raised {call.excinfo.typename} outside "
+                         f"assert_all_ranks; aborting the MPI job so the other ranks do not hang:\n"
+                         f"{report.longreprtext}\n")
+        sys.stderr.flush()
+        comm.abort(1)
