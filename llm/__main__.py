@@ -10,6 +10,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "train": ("llm.train", "pre-train a GPT on a text corpus (with no flags: a small model on Shakespeare)"),
     "demo": ("llm.demo", "train a small character-level language model with the engine and watch its loss fall"),
     "generate": ("llm.generate", "continue a prompt with a trained checkpoint (greedy, temperature, top-k, top-p)"),
     "size": ("llm.sizing", "parameter count, training FLOPs per token and compute-optimal tokens of a model preset"),

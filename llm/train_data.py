@@ -1,0 +1,150 @@
+"""The tokenizer and the tokenised datasets a training run needs, built once and cached.
+
+    >>> from llm.train_data import corpus_folder, default_tokenizer, prepare_training_data
+    >>> folder, resolved = corpus_folder(["default"])          # ~/.cache/llm-from-scratch/datasets/<sha>
+    >>> tok = default_tokenizer(resolved, folder, vocab_size=1024)
+    >>> train_ds, val_ds, data_dir = prepare_training_data(["default"], tok, folder, block_size=64)
+
+The cache (``--data-dir``, default ``~/.cache/llm-from-scratch/datasets``, or
+``$LLM_FROM_SCRATCH_CACHE/datasets``) holds one folder per corpus, named by the
+sha256 of the sources' fingerprint (``llm.data.source_fingerprint``: file
+paths, sizes and modification times; the text's hash for the default corpus),
+so an edited file gets a fresh folder::
+
+    datasets/<corpus sha256[:16]>/
+        sources.json                      what the folder was built from (for people)
+        tokenizer-bpe1024-gpt4.json       a BPE tokenizer trained on this corpus (one per size and pattern)
+        tokens-<tokenizer sha256[:16]>/   the corpus tokenised with that tokenizer (llm.data's layout)
+
+Nothing here is tied to one run's output folder, so a second run on the same
+data (another model, another seed) starts training within seconds. Every file
+is written to a temporary name and renamed, so an interrupted run never leaves
+a half-written tokenizer or dataset behind (``llm.data`` takes care of the
+shards; ``Tokenizer.save`` is atomic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from . import data as datamod
+from .tokenizer import ENDOFTEXT, Tokenizer, TokenizerFormatError
+
+#: the BPE tokenizer is trained on at most this many bytes of the corpus (its first documents)
+TOKENIZER_TRAIN_BYTES = 20_000_000
+
+
+class DataSetupError(ValueError):
+    """The data or the tokenizer of a run cannot be prepared; the message names the file and the fix."""
+
+
+def cache_root(data_dir=None) -> Path:
+    """``data_dir``, or ``<llm.corpus.cache_dir()>/datasets`` (``~/.cache/llm-from-scratch/datasets``)."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    from .corpus import cache_dir
+
+    return cache_dir() / "datasets"
+
+
+def corpus_folder(sources, data_dir=None, default_max_bytes=None):
+    """``(folder, resolved sources)``: the cache folder of this corpus, created, with a ``sources.json`` inside.
+
+    Raises DataSetupError for a source that does not exist.
+    """
+    try:
+        resolved = datamod.resolve_sources(sources)
+        sha, summary = datamod.source_fingerprint(resolved, default_max_bytes)
+    except datamod.DatasetError as e:
+        raise DataSetupError(str(e)) from None
+    folder = cache_root(data_dir) / sha[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    info = folder / "sources.json"
+    if not info.exists():
+        tmp = folder / f".sources.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"sources": [str(s) for s in sources], "fingerprint": sha, "items": summary},
+                                  indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, info)
+    return folder, resolved
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """A tokenizer from our JSON format (``python -m llm tokenizer train`` writes it); DataSetupError if unusable."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataSetupError(f"tokenizer file {path} does not exist; train one with `python -m llm tokenizer train` "
+                             "or leave out --tokenizer to train one on the data")
+    try:
+        tok = Tokenizer.load(path)
+    except (TokenizerFormatError, ValueError, OSError) as e:
+        raise DataSetupError(f"cannot load tokenizer {path}: {e}") from None
+    if ENDOFTEXT not in tok.special_tokens:
+        raise DataSetupError(f"tokenizer {path} has no {ENDOFTEXT} special token, which separates the documents "
+                             "of the training data; retrain it with that special token")
+    return tok
+
+
+def _training_text(resolved, max_bytes, default_max_bytes=None):
+    """The corpus's first documents, up to about ``max_bytes`` bytes, as a list of strings."""
+    docs, size = [], 0
+    for doc in datamod.iter_documents(resolved, default_max_bytes=default_max_bytes):
+        docs.append(doc)
+        size += len(doc)
+        if size >= max_bytes:
+            break
+    return docs
+
+
+def default_tokenizer(resolved, folder, vocab_size: int, pattern: str = "gpt4", log=print,
+                      max_bytes: int = TOKENIZER_TRAIN_BYTES, default_max_bytes=None) -> Tokenizer:
+    """A byte-level BPE tokenizer of ``vocab_size`` tokens (``<|endoftext|>`` included) trained on this corpus.
+
+    Cached as ``folder/tokenizer-bpe<vocab_size>-<pattern>.json``: trained on the
+    first ``max_bytes`` bytes of the documents the first time, loaded afterwards.
+    Training is deterministic, so a deleted cache file comes back identical.
+    """
+    log = log or (lambda *a, **k: None)
+    path = Path(folder) / f"tokenizer-bpe{vocab_size}-{pattern}.json"
+    if path.exists():
+        try:
+            tok = Tokenizer.load(path)
+            log(f"tokenizer: {path} (byte-level BPE, {tok.n_vocab} tokens, cached)")
+            return tok
+        except (TokenizerFormatError, ValueError, OSError) as e:
+            log(f"tokenizer: the cached {path} is unreadable ({e}); training it again")
+    t0 = time.perf_counter()
+    try:
+        docs = _training_text(resolved, max_bytes, default_max_bytes)
+    except datamod.DatasetError as e:
+        raise DataSetupError(str(e)) from None
+    n_bytes = sum(len(d) for d in docs)
+    if n_bytes == 0:
+        raise DataSetupError("the training data is empty: there is no text to train a tokenizer on")
+    tok = Tokenizer.train(docs, vocab_size, pattern=pattern, special_tokens=(ENDOFTEXT,))
+    tok.save(path)
+    log(f"tokenizer: trained byte-level BPE ({tok.n_vocab} tokens, {pattern} pattern) on {n_bytes:,} characters in "
+        f"{time.perf_counter() - t0:.1f}s; saved to {path}")
+    return tok
+
+
+def prepare_training_data(sources, tokenizer, folder, block_size: int, val_fraction: float = 0.1, log=print,
+                          default_max_bytes=None):
+    """``(train_ds, val_ds, data_dir)``: the corpus tokenised with ``tokenizer`` in ``folder/tokens-<sha>``.
+
+    Built by ``llm.data.prepare`` the first time (reused afterwards); both
+    splits must hold at least ``block_size + 1`` tokens. DataSetupError otherwise.
+    """
+    data_dir = Path(folder) / f"tokens-{datamod.tokenizer_sha256(tokenizer)[:16]}"
+    try:
+        train_ds, val_ds = datamod.prepare(sources, tokenizer, data_dir, val_fraction, block_size=block_size,
+                                           log=log, default_max_bytes=default_max_bytes)
+    except datamod.DatasetError as e:
+        raise DataSetupError(str(e)) from None
+    return train_ds, val_ds, data_dir
+
+
+__all__ = ["DataSetupError", "TOKENIZER_TRAIN_BYTES", "cache_root", "corpus_folder", "load_tokenizer",
+           "default_tokenizer", "prepare_training_data"]
