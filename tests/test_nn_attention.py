@@ -89,6 +89,40 @@ def test_attention_matches_composition(xp, rng, H, Hkv, T, S, causal):
         np.testing.assert_allclose(cpu(ta.grad), cpu(tb.grad), rtol=0, atol=1e-10, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("H,Hkv", HEADS)
+@pytest.mark.parametrize("T,S", [(7, 7), (5, 9), (1, 4)], ids=["self", "cached", "one-token"])
+def test_attention_in_row_blocks_matches_composition(xp, rng, monkeypatch, H, Hkv, T, S):
+    """Causal attention runs in blocks of query rows that see only the keys up to their last row; with
+    blocks of 3 rows (a ragged last one), values and gradients still equal the plain composition, and so
+    does attention dropout (its mask sliced per block)."""
+    from nn.functional import attention as A
+
+    monkeypatch.setattr(A, "BLOCK_ROWS", 3)
+    assert xp is not np or len(A._row_blocks(xp, T, S, True)) == -(-T // 3)
+    arrays = qkv(rng, 3, H, Hkv, T, S)
+    a = [leaf(xp, x) for x in arrays]
+    b = [leaf(xp, x) for x in arrays]
+    ya, yb = scaled_dot_product_attention(*a), attention_ref(*b)
+    np.testing.assert_allclose(cpu(ya), cpu(yb), rtol=0, atol=1e-10)
+    gy = xp.asarray(rng.standard_normal(ya.shape))
+    ya.backward(gy)
+    yb.backward(gy)
+    for name, ta, tb in zip("qkv", a, b):
+        np.testing.assert_allclose(cpu(ta.grad), cpu(tb.grad), rtol=0, atol=1e-10, err_msg=f"d{name}")
+    assert gradcheck(scaled_dot_product_attention, *(leaf(xp, x) for x in arrays))
+
+    p_drop = 0.3
+
+    def dropped(q, k, v):  # the same mask on every call
+        return scaled_dot_product_attention(q, k, v, dropout_p=p_drop, generator=xp.random.default_rng(3))
+
+    assert gradcheck(dropped, *(leaf(xp, x) for x in arrays))
+    keep = xp.random.default_rng(3).random((3, H, T, S), dtype=np.float32) >= np.float32(p_drop)
+    ref = attention_ref(*(Tensor(xp.asarray(x)) for x in arrays), keep=keep, p_drop=p_drop)
+    got = dropped(*(Tensor(xp.asarray(x)) for x in arrays))
+    np.testing.assert_allclose(cpu(got), cpu(ref), rtol=0, atol=1e-10)
+
+
 def test_attention_only_needed_gradients(xp, rng):
     q, k, v = qkv(rng, 1, 2, 1, 3, 3)
     qt, kt, vt = leaf(xp, q), Tensor(xp.asarray(k)), leaf(xp, v)

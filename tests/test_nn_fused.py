@@ -120,6 +120,26 @@ def test_layer_norm_matches_composition(xp, rng, has_w, has_b):
     compare_with_reference(xp, rng, fused, ref, arrays)
 
 
+@pytest.mark.parametrize("has_w,has_b", AFFINE)
+def test_layer_norm_in_pieces_matches_composition(xp, rng, monkeypatch, has_w, has_b):
+    """Backward in blocks of 2 rows (pieces of 16 elements, rows of 8), a ragged last block and a
+    non-contiguous input: the same values and gradients as the composition, and gradcheck passes."""
+    from autograd.ops import chunks
+
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 16)
+    arrays = [(3 + 2 * rng.standard_normal((8, 3, 13))).swapaxes(0, 2)]  # (13, 3, 8): 39 rows, strided
+    arrays += [rng.standard_normal(8) for ok in (has_w, has_b) if ok]
+
+    def fused(x, *p):
+        return layer_norm(x, p[0] if has_w else None, p[1] if has_b else None, eps=1e-5)
+
+    def ref(x, *p):
+        return layer_norm_ref(x, p[0] if has_w else None, p[1] if has_b else None, eps=1e-5)
+
+    compare_with_reference(xp, rng, fused, ref, arrays)
+    assert gradcheck(fused, *(leaf(xp, a) for a in arrays))
+
+
 @pytest.mark.parametrize("has_w", [True, False])
 def test_rms_norm_matches_composition(xp, rng, has_w):
     arrays = [rng.standard_normal((2, 5, 8))] + ([rng.standard_normal(8)] if has_w else [])

@@ -210,6 +210,28 @@ def test_gelu_forms_are_close_but_distinct(xp):
     assert 1e-5 < diff < 1e-3  # the tanh form approximates the exact one to about 2e-4
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gelu_tanh_in_pieces_matches_the_formula(xp, rng, monkeypatch, dtype):
+    """An input of many cache-sized pieces (here 64 elements) and a ragged last one, non-contiguous:
+    values and gradients agree with the closed forms, in float64 and float32."""
+    from autograd.ops import chunks
+
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 64)
+    n = 2 * 400 + 123
+    a = 3 * rng.standard_normal((2, n)).T  # (n, 2), non-contiguous
+    g = rng.standard_normal((n, 2))
+    x = Tensor(xp.asarray(a.astype(dtype)), requires_grad=True)
+    y = ag.gelu(x)
+    y.backward(grad=xp.asarray(g.astype(dtype)))
+    assert y.dtype == dtype and x.grad.dtype == dtype and y.shape == (n, 2)
+    a32 = a.astype(dtype).astype(np.float64)  # the values the op saw
+    t = np.tanh(math.sqrt(2 / math.pi) * (a32 + 0.044715 * a32 ** 3))
+    d = 0.5 * (1 + t) + 0.5 * a32 * (1 - t ** 2) * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * a32 ** 2)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == np.float64 else dict(rtol=2e-5, atol=3e-5)
+    np.testing.assert_allclose(cpu(y), _gelu_tanh_ref(a32), **tol)
+    np.testing.assert_allclose(cpu(x.grad), d * g.astype(dtype), **tol)
+
+
 @pytest.mark.parametrize("bad", ["erf", "exact", "Tanh", None, True])
 def test_gelu_rejects_unknown_form(bad):
     with pytest.raises(ValueError, match="'tanh'.*'none'"):

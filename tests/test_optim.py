@@ -76,6 +76,33 @@ def test_adamw_matches_numpy_reference_two_groups(xp, rng):
     np.testing.assert_allclose(_cpu(opt.state["p2"]["exp_avg_sq"]), ref["p2"][2], rtol=1e-12)
 
 
+def test_adamw_in_pieces_large_strided_and_float32(xp, rng, monkeypatch):
+    """The CPU update runs in pieces (here of 1000 elements): a parameter of several pieces (a ragged last
+    one), a strided view of a parameter and a strided gradient, in float64 and float32, follow the reference."""
+    from nn.optim import adamw
+
+    monkeypatch.setattr(adamw, "_PIECE", 1000)
+    n = 1507
+    big = Parameter(xp.asarray(rng.standard_normal((n, 2))))
+    strided = Parameter(xp.asarray(rng.standard_normal((6, 8)))[:, ::2])  # (6, 4), not contiguous
+    f32 = Parameter(xp.asarray(rng.standard_normal(n).astype(np.float32)))
+    named = [("big", big), ("strided", strided), ("f32", f32)]
+    opt = AdamW(named, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ref = {name: [_cpu(p.data).astype(np.float64), 0.0, 0.0] for name, p in named}
+    for t in range(1, 4):
+        for name, p in named:
+            g = rng.standard_normal((p.shape[1], p.shape[0])).T if p.ndim == 2 else rng.standard_normal(p.shape)
+            p.grad = xp.asarray(g.astype(p.dtype))  # the 2-D gradients are transposed views
+            r = ref[name]
+            r[0], r[1], r[2] = adamw_reference(r[0], g.astype(p.dtype), r[1], r[2], t, 1e-2, 0.9, 0.95, 1e-8, 0.1)
+        opt.step()
+        for name, p in named:
+            tol = dict(rtol=1e-5, atol=1e-6) if name == "f32" else dict(rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(_cpu(p.data), ref[name][0], **tol, err_msg=name)
+    assert f32.dtype == np.float32 and opt.state["f32"]["exp_avg"].dtype == np.float32
+    assert not strided.data.flags.c_contiguous  # updated where it lives
+
+
 def test_adamw_float32_and_float16_keep_float32_moments(xp, rng):
     p32 = Parameter(xp.asarray(rng.standard_normal((8, 8)).astype(np.float32)))
     p16 = Parameter(xp.asarray(rng.standard_normal((8, 8)).astype(np.float16)))

@@ -22,6 +22,7 @@ from ..backend import get_array_module, is_array
 from ..backend import quiet_fp_errors as _quiet
 from ..engine import Function
 from ..tensor import Tensor, as_tensor
+from . import chunks
 from .special import erf as _erf
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -190,39 +191,63 @@ class GELUTanh(Function):
     """GPT-2's GELU:  y = 0.5 x (1 + t),  t = tanh(u),  u = c (x + k x^3),  c = sqrt(2/pi),  k = 0.044715.
 
     dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx,  du/dx = c (1 + 3 k x^2),
-    so dx = gy * (0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 k x^2)). x and t are saved.
+    so dx = gy * (0.5 + 0.5 t + a (1 - t^2)) with a = x (0.5 c + 1.5 c k x^2).
+
+    Only x is saved (the graph holds it anyway); backward recomputes t, which
+    costs one tanh but saves keeping a second activation-sized array alive
+    from forward to backward (the MLP's widest one). Both passes run in
+    cache-sized pieces (``chunks``): the intermediates stay in small reused
+    buffers, and only x, gy and the result go through memory.
     """
 
     def forward(self, x):
         xp = get_array_module(x)
         x = _floating(x)
-        u = x * x
-        u *= _GELU_CUBIC
-        u += 1
-        u *= x
-        u *= _SQRT_2_OVER_PI  # u = c (x + k x^3)
-        t = xp.tanh(u)
-        self.x, self.t = x, t
-        y = t + 1
-        y *= x
-        y *= 0.5
-        return y
+        xf = xp.ascontiguousarray(x).reshape(-1)  # (n,)
+        y = xp.empty_like(xf)
+        pieces = chunks.slices(xp, xf.size)
+        (u,) = chunks.buffers(xp, 1, pieces[0].stop, xf.dtype)
+        for sl in pieces:
+            xs = xf[sl]
+            b = u[:xs.size]
+            xp.multiply(xs, xs, out=b)
+            b *= _SQRT_2_OVER_PI * _GELU_CUBIC
+            b += _SQRT_2_OVER_PI
+            b *= xs  # u = c x + c k x^3
+            xp.tanh(b, out=b)
+            b *= 0.5
+            b += 0.5  # 0.5 (1 + t)
+            xp.multiply(b, xs, out=y[sl])
+        self.x, self.shape = xf, x.shape
+        return y.reshape(x.shape)
 
     def backward(self, gy):
-        x, t = self.x, self.t
-        du = x * x
-        du *= 3 * _GELU_CUBIC
-        du += 1
-        du *= _SQRT_2_OVER_PI  # du/dx = c (1 + 3k x^2)
-        g = t * t
-        g -= 1
-        g *= x
-        g *= du  # -x (1 - t^2) du/dx
-        g -= t
-        g -= 1  # -(1 + t) - x (1 - t^2) du/dx
-        g *= gy
-        g *= -0.5
-        return g
+        xp = get_array_module(gy)
+        xf = self.x
+        gf = xp.ascontiguousarray(gy).reshape(-1)  # (n,)
+        dx = xp.empty_like(xf)
+        pieces = chunks.slices(xp, xf.size)
+        x2, t, d = chunks.buffers(xp, 3, pieces[0].stop, xf.dtype)
+        for sl in pieces:
+            xs = xf[sl]
+            n = xs.size
+            a, tb, db = x2[:n], t[:n], d[:n]
+            xp.multiply(xs, xs, out=a)  # x^2
+            xp.multiply(a, _SQRT_2_OVER_PI * _GELU_CUBIC, out=tb)
+            tb += _SQRT_2_OVER_PI
+            tb *= xs
+            xp.tanh(tb, out=tb)  # t
+            a *= 1.5 * _SQRT_2_OVER_PI * _GELU_CUBIC
+            a += 0.5 * _SQRT_2_OVER_PI
+            a *= xs  # a = x (0.5 c + 1.5 c k x^2)
+            xp.multiply(tb, tb, out=db)
+            xp.subtract(1, db, out=db)
+            db *= a  # a (1 - t^2)
+            tb *= 0.5
+            db += tb
+            db += 0.5  # dy/dx
+            xp.multiply(db, gf[sl], out=dx[sl])
+        return dx.reshape(self.shape)
 
 
 class GELUErf(Function):

@@ -17,11 +17,17 @@ positions followed by the T current ones, so query i sits at absolute
 position ``(S - T) + i`` and may attend keys ``j <= i + (S - T)``.
 
 Memory: forward saves q, k, v (held by the graph anyway) and the softmax
-probabilities P, ``B * H * T * S`` numbers, so backward needs no recomputation
-of ``Q K^T``. The alternative, FlashAttention's, saves only the logsumexp per
-row (``B * H * T`` numbers) and recomputes P in backward: one more matmul for
-O(T) instead of O(T * S) memory. At the sizes this CPU/CuPy stack trains,
-keeping P is simpler and faster.
+probabilities P, ``B * H * T * S`` numbers (on the CPU only its causal blocks,
+about half of that: see ``ScaledDotProductAttention``), so backward needs no
+recomputation of ``Q K^T``. The alternative, FlashAttention's, saves only the
+logsumexp per row (``B * H * T`` numbers) and recomputes P in backward: one
+more matmul for O(T) instead of O(T * S) memory. At the sizes this CPU/CuPy
+stack trains, keeping P is simpler and faster.
+
+Layout: the output (and dQ, dK, dV in backward) are written into memory laid
+out as ``(B, T, heads, D)`` and returned as ``(B, heads, T, D)`` views, so the
+caller's ``transpose(0, 2, 1, 3).reshape(B, T, C)`` back into the residual
+stream is free instead of a copy.
 """
 
 from __future__ import annotations
@@ -45,6 +51,27 @@ def causal_mask_bias(xp, T: int, S: int, dtype):
     return xp.triu(xp.full((T, S), -np.inf, dtype=dtype), k=S - T + 1)
 
 
+#: query rows per block of causal attention on the CPU (see ``ScaledDotProductAttention``)
+BLOCK_ROWS = 64
+
+
+def _row_sum(xp, s):
+    """Sums along the last axis, shape (..., 1), as a matrix-vector product (BLAS; NumPy's own reduction over a
+    short last axis is several times slower)."""
+    return xp.matmul(s, xp.ones(s.shape[-1], dtype=s.dtype))[..., None]  # (..., 1)
+
+
+def _row_blocks(xp, T: int, S: int, causal: bool):
+    """``(r0, r1, end)`` per block of query rows: rows ``r0:r1`` attend to keys ``0:end``.
+
+    Causal: query i (absolute position ``S - T + i``) sees keys ``j <= S - T + i``, so a block
+    of rows ending at r1 needs only the first ``S - T + r1`` keys. On the GPU one block (every
+    extra block is more kernel launches); not causal: one block with every key.
+    """
+    rows = BLOCK_ROWS if (causal and xp is np) else T
+    return [(r0, min(r0 + rows, T), S - T + min(r0 + rows, T) if causal else S) for r0 in range(0, T, rows)]
+
+
 class ScaledDotProductAttention(Function):
     """O = softmax(Q K^T * scale + mask) V per head, with kv heads shared by G = H / Hkv query heads.
 
@@ -62,6 +89,15 @@ class ScaledDotProductAttention(Function):
     heads receives the sum of their dK, dV; with the G heads stacked along the
     row axis, ``dS^T Q`` and ``P^T dO`` compute that sum in the matmul itself.
 
+    Causal blocks (CPU): the query rows are processed in blocks of
+    ``BLOCK_ROWS``, and a block attends only to the keys up to its last row
+    (``_row_blocks``): the entries above the diagonal blocks, all masked, are
+    never computed. With four blocks that skips 3/8 of the products and of
+    the softmax work; each block's P is small enough to stay in the cache
+    between the product that makes it and the softmax that normalises it. Row
+    blocks are independent in forward (each row's softmax sees its whole row);
+    in backward dQ is per block and dK, dV add up the blocks' contributions.
+
     With attention dropout (``keep`` a boolean mask, kept entries scaled by
     1/(1-p)), O = (P * M) V with M = keep / (1 - p): dV = (P * M)^T dO, and dP
     is multiplied by M before the softmax step.
@@ -70,9 +106,11 @@ class ScaledDotProductAttention(Function):
     def __init__(self, scale: float, causal: bool, keep=None, dropout_p: float = 0.0):
         self.scale, self.causal, self.keep, self.dropout_p = scale, causal, keep, dropout_p
 
-    def _dropped(self, p):
-        """P * M (fresh): the probabilities after dropout, in p's dtype."""
-        p = p * self.keep
+    def _dropped(self, p, r0, r1, end):
+        """P * M for one block (fresh): the probabilities after dropout, in p's dtype."""
+        B, Hkv, G, T, S = self.keep.shape
+        keep = self.keep[:, :, :, r0:r1, :end].reshape(B, Hkv, G * (r1 - r0), end)  # (B, Hkv, G*n, end)
+        p = p * keep
         p *= p.dtype.type(1.0 / (1.0 - self.dropout_p))
         return p
 
@@ -82,53 +120,76 @@ class ScaledDotProductAttention(Function):
         Hkv, S = k.shape[1], k.shape[2]
         G = H // Hkv
         cd = _compute_dtype(q.dtype)
-        qg = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D): the G query heads of each kv head stacked on rows
-        s = xp.matmul(qg, xp.swapaxes(k, -1, -2))  # (B, Hkv, G*T, S)
-        s = s.astype(cd, copy=False)  # fresh either way: scaled, masked and normalised in place
-        s *= cd.type(self.scale)
-        if self.causal:
-            s4 = s.reshape(B, Hkv, G, T, S)  # (B, Hkv, G, T, S): a view, so the mask lands in s
-            s4 += causal_mask_bias(xp, T, S, cd)  # (T, S) broadcast over (B, Hkv, G)
-        s -= s.max(axis=-1, keepdims=True)
-        xp.exp(s, out=s)
-        s /= s.sum(axis=-1, keepdims=True)
-        p = s.astype(q.dtype, copy=False)  # (B, Hkv, G*T, S); float16 inputs: P is kept in float16
         if self.keep is not None:
-            self.keep = self.keep.reshape(B, Hkv, G * T, S)  # (B, Hkv, G*T, S) from (B, H, T, S)
-            pv = self._dropped(p)
-        else:
-            pv = p
-        o = xp.matmul(pv, v)  # (B, Hkv, G*T, D)
-        self.q, self.k, self.v, self.p = q, k, v, p
+            self.keep = self.keep.reshape(B, Hkv, G, T, S)  # (B, Hkv, G, T, S) from (B, H, T, S)
+        q5 = q.reshape(B, Hkv, G, T, D)  # (B, Hkv, G, T, D): the G query heads of each kv head
+        # the output lives in (B, T, H, D) memory, returned as a (B, H, T, D) view: the caller's
+        # transpose back to (B, T, H * D) is then free, with no copy
+        o = xp.empty((B, T, Hkv, G, D), dtype=q.dtype).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, D) view
+        self.blocks = _row_blocks(xp, T, S, self.causal)
+        ps = []
+        for r0, r1, end in self.blocks:
+            n = r1 - r0
+            qb = q5[:, :, :, r0:r1].reshape(B, Hkv, G * n, D)  # (B, Hkv, G*n, D): G heads stacked on rows
+            s = xp.matmul(qb, xp.swapaxes(k[:, :, :end], -1, -2))  # (B, Hkv, G*n, end)
+            s = s.astype(cd, copy=False)  # fresh either way: scaled, masked and normalised in place
+            s *= cd.type(self.scale)
+            if self.causal:
+                s5 = s.reshape(B, Hkv, G, n, end)  # (B, Hkv, G, n, end): a view, so the mask lands in s
+                s5[..., end - n:] += causal_mask_bias(xp, n, n, cd)  # the block's diagonal square
+            s -= s.max(axis=-1, keepdims=True)
+            xp.exp(s, out=s)
+            s /= _row_sum(xp, s)
+            p = s.astype(q.dtype, copy=False)  # float16 inputs: P is kept in float16
+            pv = p if self.keep is None else self._dropped(p, r0, r1, end)
+            ob = xp.matmul(pv, v[:, :, :end])  # (B, Hkv, G*n, D)
+            o[:, :, :, r0:r1] = ob.reshape(B, Hkv, G, n, D)
+            ps.append(p)
+        self.q, self.k, self.v, self.ps = q, k, v, ps
         return o.reshape(B, H, T, D)  # (B, H, T, D)
 
     def backward(self, go):
         xp = get_array_module(go)
-        q, k, v, p = self.q, self.k, self.v, self.p
+        q, k, v = self.q, self.k, self.v
         B, H, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         G = H // Hkv
         cd = _compute_dtype(q.dtype)
-        gog = go.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D)
-        dq = dk = dv = None
-        if self.needs_input_grad[2]:
-            pv = self._dropped(p) if self.keep is not None else p
-            dv = xp.matmul(xp.swapaxes(pv, -1, -2), gog)  # (B, Hkv, S, D): summed over the G heads and T rows
-        if self.needs_input_grad[0] or self.needs_input_grad[1]:
-            dp = xp.matmul(gog, xp.swapaxes(v, -1, -2))  # (B, Hkv, G*T, S), fresh
-            dp = dp.astype(cd, copy=False)
-            if self.keep is not None:
-                dp = self._dropped(dp)
-            pc = p.astype(cd, copy=False)
-            dp -= (dp * pc).sum(axis=-1, keepdims=True)
-            dp *= pc
-            dp *= cd.type(self.scale)  # dS * scale, the common factor of dQ and dK
-            ds = dp.astype(q.dtype, copy=False)
-            if self.needs_input_grad[0]:
-                dq = xp.matmul(ds, k).reshape(B, H, T, D)  # (B, Hkv, G*T, D) -> (B, H, T, D)
-            if self.needs_input_grad[1]:
-                qg = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D)
-                dk = xp.matmul(xp.swapaxes(ds, -1, -2), qg)  # (B, Hkv, S, D)
+        need_q, need_k, need_v = self.needs_input_grad
+        q5 = q.reshape(B, Hkv, G, T, D)  # (B, Hkv, G, T, D)
+        go5 = go.reshape(B, Hkv, G, T, D)  # (B, Hkv, G, T, D)
+        # gradients in (B, T, heads, D) memory, as (B, heads, T, D) views (see forward); dK and dV sum
+        # over the blocks, accumulated in cd
+        dq = xp.empty((B, T, Hkv, G, D), dtype=q.dtype).transpose(0, 2, 3, 1, 4) if need_q else None
+        dk = xp.zeros((B, S, Hkv, D), dtype=cd).transpose(0, 2, 1, 3) if need_k else None  # (B, Hkv, S, D)
+        dv = xp.zeros((B, S, Hkv, D), dtype=cd).transpose(0, 2, 1, 3) if need_v else None  # (B, Hkv, S, D)
+        for (r0, r1, end), p in zip(self.blocks, self.ps):
+            n = r1 - r0
+            gob = go5[:, :, :, r0:r1].reshape(B, Hkv, G * n, D)  # (B, Hkv, G*n, D)
+            if need_v:
+                pv = p if self.keep is None else self._dropped(p, r0, r1, end)
+                dv[:, :, :end] += xp.matmul(xp.swapaxes(pv, -1, -2), gob)  # (B, Hkv, end, D): summed over G heads
+            if need_q or need_k:
+                dp = xp.matmul(gob, xp.swapaxes(v[:, :, :end], -1, -2))  # (B, Hkv, G*n, end), fresh
+                dp = dp.astype(cd, copy=False)
+                if self.keep is not None:
+                    dp = self._dropped(dp, r0, r1, end)
+                pc = p.astype(cd, copy=False)
+                dp -= xp.einsum("...j,...j->...", dp, pc)[..., None]  # rowsum(dP * P), no temporary
+                dp *= pc
+                dp *= cd.type(self.scale)  # dS * scale, the common factor of dQ and dK
+                ds = dp.astype(q.dtype, copy=False)
+                if need_q:
+                    dq[:, :, :, r0:r1] = xp.matmul(ds, k[:, :, :end]).reshape(B, Hkv, G, n, D)  # (B, Hkv, G, n, D)
+                if need_k:
+                    qb = q5[:, :, :, r0:r1].reshape(B, Hkv, G * n, D)  # (B, Hkv, G*n, D)
+                    dk[:, :, :end] += xp.matmul(xp.swapaxes(ds, -1, -2), qb)  # (B, Hkv, end, D)
+        if need_q:
+            dq = dq.reshape(B, H, T, D)  # (B, H, T, D)
+        if need_k:
+            dk = dk.astype(q.dtype, copy=False)
+        if need_v:
+            dv = dv.astype(q.dtype, copy=False)
         return dq, dk, dv
 
 
@@ -193,4 +254,4 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | No
     return ScaledDotProductAttention(float(scale), bool(causal), keep, float(dropout_p))(q, k, v)
 
 
-__all__ = ["ScaledDotProductAttention", "scaled_dot_product_attention", "causal_mask_bias"]
+__all__ = ["ScaledDotProductAttention", "scaled_dot_product_attention", "causal_mask_bias", "BLOCK_ROWS"]

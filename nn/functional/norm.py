@@ -19,6 +19,7 @@ import numpy as np
 
 from autograd.backend import accumulation_dtype, get_array_module
 from autograd.engine import Function
+from autograd.ops import chunks
 from autograd.tensor import Tensor, as_tensor
 
 
@@ -46,6 +47,11 @@ def _check_inputs(name, x, weight, bias):
                              f"{label} must have shape ({c},)")
 
 
+def _row_dot(xp, a, b):
+    """sum_j a[..., j] * b[..., j], shape (..., 1), without an (..., C) temporary."""
+    return xp.einsum("...j,...j->...", a, b)[..., None]  # (..., 1)
+
+
 def _sum_leading(a):
     """Sum over every axis but the last: (..., C) -> (C,)."""
     return a.reshape(-1, a.shape[-1]).sum(axis=0)  # (N, C) -> (C,)
@@ -55,7 +61,9 @@ class LayerNormFunction(Function):
     """y = xhat * w + b with xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps), over the last axis (size N).
 
     Forward saves x (already held by the graph), ``mean`` and ``rstd`` (one
-    number per row), as llm.c does; backward recomputes xhat from them.
+    number per row), as llm.c does; backward recomputes xhat from them, in
+    cache-sized blocks of rows (``chunks``) with two small reused buffers,
+    adding up dw and db block by block.
 
     Backward. Let g = gy * w (g = gy without a weight). Along one row,
     d xhat_j / d x_i = rstd * (delta_ij - 1/N - xhat_i xhat_j / N)
@@ -76,46 +84,72 @@ class LayerNormFunction(Function):
         _check_inputs("layer_norm", x, weight, bias)
         xp = get_array_module(x)
         cd = _compute_dtype(x.dtype, *(p.dtype for p in params))
-        xc = x.astype(cd, copy=False)
-        mean = xc.mean(axis=-1, keepdims=True)  # (..., 1)
-        xhat = xc - mean  # fresh array: becomes xhat, then y, in place
-        var = (xhat * xhat).mean(axis=-1, keepdims=True)  # (..., 1)
-        rstd = var
+        C = x.shape[-1]
+        x2 = x.reshape(-1, C)  # (N, C)
+        N = x2.shape[0]
+        w = weight.astype(cd, copy=False) if weight is not None else None
+        b = bias.astype(cd, copy=False) if bias is not None else None
+        xc = x2.astype(cd, copy=False)
+        mean = xc.mean(axis=-1, keepdims=True)  # (N, 1)
+        y = xc - mean  # fresh: becomes xhat, then y, in place
+        rstd = _row_dot(xp, y, y)  # (N, 1): sums of squares
+        rstd *= cd.type(1.0 / C)  # variances
         rstd += cd.type(self.eps)
         xp.sqrt(rstd, out=rstd)
-        xp.reciprocal(rstd, out=rstd)  # (..., 1): 1 / sqrt(var + eps)
-        xhat *= rstd
-        if weight is not None:
-            xhat *= weight.astype(cd, copy=False)
-        if bias is not None:
-            xhat += bias.astype(cd, copy=False)
-        self.x, self.mean, self.rstd, self.weight = x, mean, rstd, weight
+        xp.reciprocal(rstd, out=rstd)  # 1 / sqrt(var + eps)
+        y *= rstd
+        if w is not None:
+            y *= w
+        if b is not None:
+            y += b
+        self.x2, self.mean, self.rstd, self.weight = x2, mean, rstd, weight
         self.param_dtypes = [p.dtype for p in params]
-        return xhat.astype(x.dtype, copy=False)
+        return y.astype(x.dtype, copy=False).reshape(x.shape)
 
     def backward(self, gy):
-        x, weight = self.x, self.weight
-        cd = self.rstd.dtype
-        g_out = gy.astype(cd, copy=False)
-        xhat = x.astype(cd, copy=False) - self.mean  # fresh: (..., C)
-        xhat *= self.rstd
-        grads = []
-        if self.needs_input_grad[0]:
-            g = g_out * weight.astype(cd, copy=False) if weight is not None else g_out
-            dx = g - g.mean(axis=-1, keepdims=True)  # fresh
-            dx -= xhat * (g * xhat).mean(axis=-1, keepdims=True)
-            dx *= self.rstd
-            grads.append(dx.astype(x.dtype, copy=False))
-        else:
-            grads.append(None)
-        k = 1
+        x2, weight, mean, rstd = self.x2, self.weight, self.mean, self.rstd
+        xp = get_array_module(gy)
+        cd = rstd.dtype
+        N, C = x2.shape
+        g2 = gy.reshape(N, C)  # (N, C)
+        need_x = self.needs_input_grad[0]
+        need_w = self.has_weight and self.needs_input_grad[1]
+        need_b = self.has_bias and self.needs_input_grad[-1]
+        w = weight.astype(cd, copy=False) if weight is not None else None
+        dx = xp.empty((N, C), dtype=cd) if need_x else None
+        inv_n = cd.type(1.0 / C)
+
+        pieces = chunks.row_slices(xp, N, C)
+        rows = pieces[0].stop
+        xhat, tmp = (a.reshape(rows, C) for a in chunks.buffers(xp, 2, rows * C, cd))  # (rows, C) each
+        dw = xp.zeros(C, dtype=cd) if need_w else None
+        db = xp.zeros(C, dtype=cd) if need_b else None
+        for sl in pieces:  # cache-sized blocks of rows
+            n = sl.stop - sl.start
+            xh, t = xhat[:n], tmp[:n]
+            gs = g2[sl].astype(cd, copy=False)
+            xp.subtract(x2[sl], mean[sl], out=xh)
+            xh *= rstd[sl]
+            if need_w:
+                xp.multiply(gs, xh, out=t)
+                dw += t.sum(axis=0)
+            if need_b:
+                db += gs.sum(axis=0)
+            if need_x:
+                g = xp.multiply(gs, w, out=t) if w is not None else gs
+                mean_g = g.mean(axis=-1, keepdims=True)  # (n, 1)
+                mean_gx = _row_dot(xp, g, xh)  # (n, 1)
+                mean_gx *= inv_n
+                xh *= mean_gx  # xhat * mean(g xhat)
+                d = dx[sl]
+                xp.subtract(g, xh, out=d)
+                d -= mean_g
+                d *= rstd[sl]
+        grads = [dx.astype(x2.dtype, copy=False).reshape(gy.shape) if need_x else None]
         if self.has_weight:
-            grads.append(_sum_leading(g_out * xhat).astype(self.param_dtypes[0], copy=False)
-                         if self.needs_input_grad[k] else None)
-            k += 1
+            grads.append(dw.astype(self.param_dtypes[0], copy=False) if need_w else None)
         if self.has_bias:
-            grads.append(_sum_leading(g_out).astype(self.param_dtypes[-1], copy=False)
-                         if self.needs_input_grad[k] else None)
+            grads.append(db.astype(self.param_dtypes[-1], copy=False) if need_b else None)
         return tuple(grads)
 
 

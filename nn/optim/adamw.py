@@ -5,8 +5,14 @@ from __future__ import annotations
 import math
 
 from autograd.backend import get_array_module
+from autograd.ops import chunks
 
 from .optimizer import Optimizer, _grad_of
+
+
+#: elements per piece of the CPU update: it bounds the scratch buffer (1 MiB in float32); the update
+#: is bound by memory traffic either way, so smaller, cache-sized pieces measured no faster
+_PIECE = 1 << 18
 
 
 class AdamW(Optimizer):
@@ -21,8 +27,12 @@ class AdamW(Optimizer):
 
     computed as torch does: ``p -= (lr / (1 - beta1**t)) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)``.
     The moments are float32 for float16/bfloat16 parameters (the parameter's
-    dtype otherwise), the arithmetic is done in that dtype, in place, with one
-    temporary array per parameter. Parameters whose ``.grad`` is None are skipped.
+    dtype otherwise), the arithmetic is done in that dtype, in place. On the
+    CPU a parameter is updated in pieces of at most ``_PIECE`` elements with
+    one piece-sized scratch buffer: no temporary as large as the parameter
+    (GPT-2's embedding table is 154 MB: allocated and freed every step, that
+    is tens of thousands of page faults). Parameters whose ``.grad`` is None
+    are skipped.
     """
 
     state_keys = ("exp_avg", "exp_avg_sq")
@@ -60,22 +70,35 @@ class AdamW(Optimizer):
                 low = p.data.dtype != dtype
                 w = p.data.astype(dtype) if low else p.data  # float16 params: update a float32 copy
                 m, v = st["exp_avg"], st["exp_avg_sq"]
+                hyper = (lr, b1, b2, eps, wd, t)
+                if w.ndim > 1 and not (w.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+                    _update(xp, w, m, v, g, xp.empty_like(w), *hyper)  # a strided parameter: whole, in place
+                else:
+                    flat = [a.reshape(-1) for a in (w, m, v)] + [xp.ascontiguousarray(g).reshape(-1)]  # (n,) views
 
-                if wd != 0.0:
-                    w *= 1.0 - lr * wd
-                tmp = xp.multiply(g, 1.0 - b1)  # the one temporary
-                m *= b1
-                m += tmp
-                xp.multiply(g, g, out=tmp)
-                tmp *= 1.0 - b2
-                v *= b2
-                v += tmp
-                step_size = lr / (1.0 - b1 ** t)
-                xp.sqrt(v, out=tmp)
-                tmp /= math.sqrt(1.0 - b2 ** t)
-                tmp += eps
-                xp.divide(m, tmp, out=tmp)
-                tmp *= step_size
-                w -= tmp
+                    pieces = chunks.slices(xp, w.size, _PIECE)
+                    tmp = xp.empty(pieces[0].stop, dtype=dtype)  # the one scratch buffer, a piece long
+                    for sl in pieces:
+                        ws, ms, vs, gs = (a[sl] for a in flat)
+                        _update(xp, ws, ms, vs, gs, tmp[:ws.size], *hyper)
                 if low:
                     p.data[...] = w  # round back into the float16 parameter, in place
+
+
+def _update(xp, w, m, v, g, tmp, lr, b1, b2, eps, wd, t):
+    """One AdamW update of w, m, v in place from g (any matching shapes), using ``tmp`` as scratch."""
+    if wd != 0.0:
+        w *= 1.0 - lr * wd
+    xp.multiply(g, 1.0 - b1, out=tmp)
+    m *= b1
+    m += tmp
+    xp.multiply(g, g, out=tmp)
+    tmp *= 1.0 - b2
+    v *= b2
+    v += tmp
+    xp.sqrt(v, out=tmp)
+    tmp /= math.sqrt(1.0 - b2 ** t)
+    tmp += eps
+    xp.divide(m, tmp, out=tmp)
+    tmp *= lr / (1.0 - b1 ** t)
+    w -= tmp
