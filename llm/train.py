@@ -4,6 +4,7 @@
     python -m llm train --preset small --device cuda --precision fp16 --max-steps 5000
     python -m llm train --data notes/ books.jsonl --vocab-size 4096 --out-dir runs/books
     python -m llm train --resume                          # continue runs/tiny/ckpt.safetensors, bitwise
+    mpirun -n 4 python -m mpi4py -m llm train --dp 2 --pp 2   # 2 data-parallel replicas of a 2-stage pipeline
 
 The loop reads like nanoGPT's ``train.py``: set the learning rate, draw the
 micro-batches, one ``train_step`` (forward, backward, optimizer step), then log,
@@ -20,6 +21,14 @@ One step, the same code for fp32, fp16 and bf16 (``nn.amp.MixedPrecision``)::
     found_inf = mp.unscale_grads_to_master()     # float32 gradients of the master weights
     if mp.scaler.update(found_inf):              # fp16 overflow: skip the step, halve the scale
         clip_grad_norm_(masters, grad_clip); optimizer.step(); mp.copy_master_to_model()
+
+Data and pipeline parallelism (``--dp``, ``--pp``, ``--schedule``, ``--micro-batches``; under mpirun):
+every process holds one stage of one replica (``parallel.pipeline``), a step runs
+the pipeline schedule over ``--micro-batches`` micro-batches and sums the
+gradients over the replicas (``parallel.pipeline_exec``), and the global loss
+normaliser makes the result that of one process on the same batches (float
+rounding aside). Rank 0 gathers the whole model for checkpoints and samples, so
+the checkpoint is the single-process one and resumes on any number of processes.
 
 Determinism: the weights come from ``--seed``, batch k from ``(seed, k)``, the
 dropout masks of step k from ``(seed, k)``; a checkpoint holds the optimizer's
@@ -58,8 +67,8 @@ from .model import GPT, PRESETS, get_preset
 from .sizing import flops_per_token
 from .train_data import DataSetupError, corpus_folder, default_tokenizer, load_tokenizer, prepare_training_data
 from .trainer_state import (GracefulInterrupt, MetricsWriter, NonFiniteError, ResumeError, TrainingCheckpoint,
-                            matmul_size_for, measure_matmul_flops, mfu, save_training_checkpoint,
-                            seed_dropout_for_step)
+                            agree_on_flags, assemble_full_model, matmul_size_for, measure_matmul_flops, mfu,
+                            pipeline_train_step, rank0_first, save_training_checkpoint, seed_dropout_for_step)
 
 #: float16 training gives up after this many optimizer steps in a row overflowed
 MAX_CONSECUTIVE_SKIPS = 20
@@ -211,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Files: OUT_DIR/ckpt.safetensors (the latest checkpoint: model, tokenizer, optimizer, loss scaler, "
                "sampler and RNG state; `python -m llm generate --checkpoint` reads it) and OUT_DIR/metrics.jsonl. "
                "Tokenizers and token shards are cached per corpus under --data-dir. Exit codes: 0 done, 1 the "
-               "training diverged, 2 bad flags/data/checkpoint, 130 interrupted (a checkpoint was written).")
+               "training diverged, 2 bad flags/data/checkpoint, 130 interrupted (a checkpoint was written). On a CPU "
+               "that other busy processes share, OPENBLAS_NUM_THREADS=1 keeps NumPy's BLAS threads from waiting on "
+               "each other (steps several times slower otherwise).")
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="tiny", choices=list(PRESETS),
                    help="model architecture and size (default tiny: 4 layers, 4 heads, 128 wide, block 64)")
@@ -253,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", metavar="X", type=_positive_float, default=None,
                    help="wall-clock budget: stop (evaluate, checkpoint, sample) once this many minutes have passed "
                         "since the start. A safety net for slow machines: a run it stops has a machine-dependent "
-                        "length, so --max-steps is the control (default: no limit)")
+                        "length, so --max-steps is the control; e.g. --max-minutes 9 on a busy machine (default: "
+                        "no limit)")
     t.add_argument("--lr", metavar="X", type=_positive_float, default=2e-3, help="peak learning rate (default 2e-3)")
     t.add_argument("--min-lr", metavar="X", type=_nonneg_float, default=None,
                    help="learning rate at the end of the cosine decay (default --lr / 10)")
@@ -303,6 +315,28 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--sample-tokens", metavar="N", type=_nonneg_int, default=200,
                    help="tokens to generate per sample; 0 turns samples off (default 200)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
+
+    par = p.add_argument_group(
+        "parallelism", "run under MPI with DP x PP processes: mpirun -n 4 python -m mpi4py -m llm train --dp 2 --pp 2 "
+                       "(world rank = stage * DP + replica; only rank 0 prints and writes files; the checkpoint is "
+                       "the same one file a single process writes, so a run resumes on any number of processes)")
+    par.add_argument("--dp", metavar="N", type=_positive_int, default=None,
+                     help="data-parallel replicas: each draws its share of every batch and the gradients are summed "
+                          "over them (default: the number of MPI processes / --pp)")
+    par.add_argument("--pp", metavar="N", type=_positive_int, default=1,
+                     help="pipeline stages: the model's blocks are split into N consecutive groups, one per process, "
+                          "embeddings on the first and the head and loss on the last (default 1)")
+    par.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"],
+                     help="pipeline schedule: 1f1b (one forward, one backward; stage s holds at most PP - s "
+                          "micro-batches of activations) or gpipe (all forwards, then all backwards; holds all of "
+                          "them); same result, same bubble (default 1f1b)")
+    par.add_argument("--micro-batches", metavar="M", type=_positive_int, default=None,
+                     help="pipeline micro-batches per optimizer step: each replica's rows of the step's "
+                          "--batch-size x --grad-accum sequences are split into M equal parts; the idle fraction "
+                          "is (PP-1)/(M+PP-1) (default: --grad-accum x --pp)")
+    par.add_argument("--stage-layout", metavar="COUNTS", default=None,
+                     help="blocks per pipeline stage, comma-separated, e.g. 3,1 (default: balanced by parameter "
+                          "count, the head's counted on the last stage)")
     return p
 
 
@@ -343,11 +377,16 @@ def _check_args(args):
 # ---------------------------------------------------------------------------
 
 
-def main(argv=None, rank: int = 0, world_size: int = 1) -> int:
+def main(argv=None, rank: int = 0, world_size: int = 1, comm=None) -> int:
     """``python -m llm train``: returns the exit code (0 done, 1 diverged, 2 bad input, 130 interrupted).
 
     ``rank`` / ``world_size`` (0 / 1 without data parallelism): each process
     keeps its rows of every batch, and only rank 0 prints and writes files.
+    Under mpirun (or with ``--dp`` / ``--pp``) the MPI world is used instead:
+    ``comm`` (a ``parallel.Communicator``) replaces it, e.g. in tests. An
+    uncaught exception on any rank then ends the whole job
+    (``parallel.launch.install_excepthook``); errors of the flags, the data
+    or the checkpoint are found on every rank, so every rank exits with 2.
     """
     parser = build_parser()
     try:
@@ -355,18 +394,71 @@ def main(argv=None, rank: int = 0, world_size: int = 1) -> int:
     except SystemExit as e:  # --help, or a flag argparse rejected (it printed why)
         return int(e.code or 0)
     try:
+        if comm is None and _wants_mpi(args):
+            from parallel import get_world, install_excepthook
+
+            comm = get_world()
+            if comm.size > 1:
+                install_excepthook(comm)
+        if comm is not None:
+            return run(args, comm=comm)
         return run(args, rank, world_size)
     except (SetupError, ResumeError, DataSetupError) as e:
-        print(f"python -m llm train: error: {e}", file=sys.stderr)
+        prefix = f"rank {comm.rank}: " if comm is not None and comm.size > 1 else ""
+        print(f"{prefix}python -m llm train: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
-        print(f"python -m llm train: error: {e}", file=sys.stderr)
+        if comm is None or comm.rank == 0:
+            print(f"python -m llm train: error: {e}", file=sys.stderr)
         return 1
 
 
-def run(args, rank: int = 0, world_size: int = 1) -> int:
-    """Train with parsed ``args`` (see ``build_parser``); raises SetupError / ResumeError / TrainingDiverged."""
+def _wants_mpi(args) -> bool:
+    """Run over MPI: started by mpirun, or --dp / --pp asked for more than one process."""
+    from parallel.comm import launched_by_mpirun
+
+    return launched_by_mpirun() or (args.dp or 1) * args.pp > 1
+
+
+def parallel_layout(args, comm):
+    """Check --dp / --pp / --batch-size / --micro-batches against the world; fill in the defaults.
+
+    Raises the same SetupError on every rank (every rank checks the same
+    numbers), so a bad layout ends the job at once, with no rank left waiting.
+    """
+    if args.dp is None:
+        if comm.size % args.pp:
+            raise SetupError(f"--pp {args.pp} does not divide the job's {comm.size} process(es): start "
+                             f"`mpirun -n <DP x {args.pp}> python -m mpi4py -m llm train ...` or pass --dp and --pp "
+                             f"with DP x PP = {comm.size}")
+        args.dp = comm.size // args.pp
+    if args.dp * args.pp != comm.size:
+        raise SetupError(f"--dp {args.dp} x --pp {args.pp} = {args.dp * args.pp} processes, but the job has "
+                         f"{comm.size}: start `mpirun -n {args.dp * args.pp} python -m mpi4py -m llm train ...` or "
+                         f"choose --dp and --pp with DP x PP = {comm.size}")
+    if args.batch_size % args.dp:
+        raise SetupError(f"--batch-size {args.batch_size} (sequences over all replicas) is not divisible by --dp "
+                         f"{args.dp}; use a multiple of {args.dp}")
+    rows = args.batch_size // args.dp * args.grad_accum
+    if args.micro_batches is None:
+        args.micro_batches = args.grad_accum * args.pp
+    if rows % args.micro_batches:
+        raise SetupError(f"each replica gets {rows} sequences per step (--batch-size {args.batch_size} / --dp "
+                         f"{args.dp} x --grad-accum {args.grad_accum}), which cannot be split into --micro-batches "
+                         f"{args.micro_batches} equal parts; choose --micro-batches among the divisors of {rows}")
+
+
+def run(args, rank: int = 0, world_size: int = 1, comm=None) -> int:
+    """Train with parsed ``args`` (see ``build_parser``); raises SetupError / ResumeError / TrainingDiverged.
+
+    ``comm``: run data x pipeline parallel over this communicator (``--dp`` x
+    ``--pp`` processes); ``rank`` and ``world_size`` are then its own.
+    """
     t_start = time.perf_counter()
+    parallel = comm is not None
+    if parallel:
+        parallel_layout(args, comm)
+        rank, world_size = comm.rank, comm.size
     main_rank = rank == 0
     log = print if main_rank else (lambda *a, **k: None)
     _check_args(args)
@@ -384,16 +476,20 @@ def run(args, rank: int = 0, world_size: int = 1) -> int:
                          "one in its place, or choose another --out-dir")
     resume = TrainingCheckpoint.load(resume_path) if resume_path is not None else None  # verified before any work
 
-    # -- tokenizer and data (cached per corpus) --------------------------------
-    folder, resolved = corpus_folder(args.data, args.data_dir)
-    if args.tokenizer is not None:
-        tokenizer = load_tokenizer(args.tokenizer)
-        log(f"tokenizer: {args.tokenizer} ({tokenizer.n_vocab} tokens)")
-    else:
-        tokenizer = default_tokenizer(resolved, folder, args.vocab_size, log=log)
-    config = model_config_or_error(args, tokenizer.n_vocab)
+    # -- tokenizer and data (cached per corpus; under MPI rank 0 builds them, then the others load them) -----
+    def setup_data():
+        folder, resolved = corpus_folder(args.data, args.data_dir)
+        if args.tokenizer is not None:
+            tokenizer = load_tokenizer(args.tokenizer)
+            log(f"tokenizer: {args.tokenizer} ({tokenizer.n_vocab} tokens)")
+        else:
+            tokenizer = default_tokenizer(resolved, folder, args.vocab_size, log=log)
+        config = model_config_or_error(args, tokenizer.n_vocab)
+        return (tokenizer, config) + prepare_training_data(args.data, tokenizer, folder, config.block_size,
+                                                           args.val_fraction, log=log)
+
+    tokenizer, config, train_ds, val_ds, data_dir = rank0_first(comm, setup_data, (DataSetupError, SetupError))
     T = config.block_size
-    train_ds, val_ds, data_dir = prepare_training_data(args.data, tokenizer, folder, T, args.val_fraction, log=log)
     unigram = unigram_entropy(train_ds)
     bytes_per_token = _bytes_per_token(tokenizer, val_ds)
     log(f"data: {len(train_ds):,} train + {len(val_ds):,} val tokens in {data_dir} ({bytes_per_token:.2f} bytes per "
@@ -407,8 +503,30 @@ def run(args, rank: int = 0, world_size: int = 1) -> int:
     model = GPT(config, generator=np.random.default_rng(args.seed))
     if resume is not None:
         resume.load_model(model)
+    n_params = model.num_parameters()
+    pipe = None
+    if parallel:  # this rank keeps its stage of the model (all of it with --pp 1)
+        from parallel import make_grid
+        from parallel.pipeline import GPTStage, parse_counts, stage_layout
+
+        try:
+            layout = stage_layout(config, args.pp, parse_counts(args.stage_layout))
+        except ValueError as e:
+            raise SetupError(f"--stage-layout / --pp: {e}") from None
+        grid = make_grid(comm, args.dp, args.pp)
+        model = GPTStage(model, grid.stage, layout)  # the rest of the full model is freed
+        sample_rank, sampler_world = grid.dp_rank, args.dp
+        log(f"parallel: {args.dp} data-parallel replica(s) x {args.pp} pipeline stage(s) on {comm.size} processes; "
+            f"blocks per stage {[len(r) for r in layout]}; {args.schedule} schedule, {args.micro_batches} "
+            f"micro-batches per step")
+    else:
+        sample_rank, sampler_world = rank, world_size
     model.to(device)
     model.train()
+    if parallel:  # before the float32 masters are copied: replicas take dp-rank 0's weights here
+        from parallel.pipeline_exec import PipelineExecutor, split_micro_batches
+
+        pipe = PipelineExecutor(model, grid, n_micro=args.micro_batches, schedule=args.schedule)
     try:
         mp = nn.amp.MixedPrecision(model, args.precision)
     except ValueError as e:
@@ -416,13 +534,14 @@ def run(args, rank: int = 0, world_size: int = 1) -> int:
     optimizer = nn.optim.AdamW(mp.param_groups_for_gpt(args.weight_decay), lr=args.lr,
                                betas=(args.beta1, args.beta2))
     try:
-        sampler = BatchSampler(train_ds, args.batch_size, T, seed=args.seed, rank=rank, world_size=world_size)
+        sampler = BatchSampler(train_ds, args.batch_size, T, seed=args.seed, rank=sample_rank,
+                               world_size=sampler_world)
     except ValueError as e:
         raise SetupError(str(e)) from None
     start_step = 0
     train_config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
     if resume is not None:
-        resume.restore(mp, optimizer, sampler)
+        resume.restore(mp, optimizer, sampler, subset=parallel)
         start_step = resume.step
         for change in resume.changed_flags(train_config, ignore=_BOOKKEEPING_FLAGS):
             log(f"note: a flag differs from the checkpointed run ({change}); the run will not match an "
@@ -434,7 +553,7 @@ def run(args, rank: int = 0, world_size: int = 1) -> int:
     tokens_per_step = args.batch_size * args.grad_accum * T
     n_mm = matmul_size_for(config)
     peak = measure_matmul_flops(device, n_mm)  # the best rate seen: measured again at every evaluation
-    log(f"model: {args.preset}, {model.num_parameters():,} parameters ({config.n_layer} layers, {config.n_head} heads, "
+    log(f"model: {args.preset}, {n_params:,} parameters ({config.n_layer} layers, {config.n_head} heads, "
         f"{config.n_embd} wide, block {T}, vocabulary {config.vocab_size}), {fpt / 1e6:.2f} MFLOPs per token")
     log(f"training: {args.max_steps} steps of {tokens_per_step:,} tokens ({args.batch_size} x {args.grad_accum} x {T}),"
         f" {args.precision} on {device}; float32 {n_mm}x{n_mm} matmul: {peak / 1e9:.1f} GFLOP/s (the MFU denominator)")
@@ -456,23 +575,49 @@ def run(args, rank: int = 0, world_size: int = 1) -> int:
     state = {"last_ckpt": str(resume_path) if resume_path is not None else None, "saved_step": start_step,
              "val_loss": None}
 
+    def full_model():
+        """``(model, mp, optimizer)`` of the whole model: ours, or (parallel) rebuilt on rank 0 (a collective call)."""
+        if not parallel:
+            return model, mp, optimizer
+        built = assemble_full_model(pipe, mp, optimizer, config, args.precision,
+                                    dict(lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay))
+        return built if built is not None else (None, None, None)
+
     def checkpoint(step):
-        if not main_rank or state["saved_step"] == step and state["last_ckpt"] == str(ckpt_path):
+        if state["saved_step"] == step and state["last_ckpt"] == str(ckpt_path):
             return
-        try:
-            save_training_checkpoint(ckpt_path, model=model, mp=mp, optimizer=optimizer, sampler=sampler,
-                                     tokenizer_json=tok_json, step=step, seed=args.seed, train_config=train_config,
-                                     extra_metadata={"tokens": step * tokens_per_step, "val_loss": state["val_loss"],
-                                                     "unigram_entropy": unigram})
-        except NonFiniteError as e:
-            raise TrainingDiverged(f"{e}; the last good checkpoint is {state['last_ckpt'] or 'none yet'}; lower "
-                                   "--lr") from None
+        if not main_rank and not parallel:
+            return
+        whole, whole_mp, whole_opt = full_model()
+        error = None
+        if main_rank:
+            try:
+                save_training_checkpoint(ckpt_path, model=whole, mp=whole_mp, optimizer=whole_opt, sampler=sampler,
+                                         tokenizer_json=tok_json, step=step, seed=args.seed,
+                                         train_config=train_config,
+                                         extra_metadata={"tokens": step * tokens_per_step,
+                                                         "val_loss": state["val_loss"], "unigram_entropy": unigram})
+            except NonFiniteError as e:
+                error = str(e)
+        if parallel and comm.size > 1:
+            error = comm.bcast(error, root=0)  # every rank stops together when rank 0 refuses to write
+        if error is not None:
+            raise TrainingDiverged(f"{error}; the last good checkpoint is {state['last_ckpt'] or 'none yet'}; lower "
+                                   "--lr")
         state["last_ckpt"], state["saved_step"] = str(ckpt_path), step
 
     def print_sample(step):
-        if args.sample_tokens and main_rank:
-            text = sample_text(model, tokenizer, args.sample_prompt, args.sample_tokens, seed=args.seed)
+        if not args.sample_tokens or not (main_rank or parallel):
+            return
+        whole = full_model()[0]
+        if main_rank:
+            text = sample_text(whole, tokenizer, args.sample_prompt, args.sample_tokens, seed=args.seed)
             tqdm.write(f"--- sample at step {step} ---\n{text}\n---")
+
+    def val_loss():
+        if parallel:
+            return pipe.eval_loss(list(eval_batches(val_ds, args.batch_size, T, args.eval_batches)))
+        return evaluate(model, val_ds, args.batch_size, T, args.eval_batches, device)
 
     # -- the loop ------------------------------------------------------------------
     step = start_step
@@ -491,7 +636,14 @@ def run(args, rank: int = 0, world_size: int = 1) -> int:
                 seed_dropout_for_step(args.seed, step)
                 batches = [to_device(sampler.next_batch(), device) for _ in range(args.grad_accum)]
                 try:
-                    result = train_step(model, mp, optimizer, batches, args.grad_clip)
+                    if parallel:  # this replica's rows of every batch, split into the pipeline's micro-batches
+                        x = backend.get_array_module(batches[0][0]).concatenate([b[0] for b in batches])
+                        y = backend.get_array_module(batches[0][1]).concatenate([b[1] for b in batches])
+                        result = StepResult(*pipeline_train_step(pipe, mp, optimizer,
+                                                                 split_micro_batches(x, y, args.micro_batches),
+                                                                 args.grad_clip))
+                    else:
+                        result = train_step(model, mp, optimizer, batches, args.grad_clip)
                 except NonFiniteError as e:
                     hint = "lower --lr" + ("" if args.grad_clip else " or enable --grad-clip")
                     raise TrainingDiverged(f"{e} at step {step + 1}; the last good checkpoint is "
@@ -504,8 +656,11 @@ def run(args, rank: int = 0, world_size: int = 1) -> int:
                 skips_in_row = skips_in_row + 1 if result.skipped else 0
                 diverged = skips_in_row >= MAX_CONSECUTIVE_SKIPS
                 time_up = args.max_minutes is not None and time.perf_counter() - t_start > 60 * args.max_minutes
-                last = step == args.max_steps or time_up or stop.requested or diverged
-                evaluating = (step % args.eval_interval == 0 or last) and not (stop.requested or diverged)
+                stopping = stop.requested
+                if parallel:  # every rank must take the same branches below (they hold collective calls)
+                    stopping, time_up = agree_on_flags(comm, stopping, time_up)
+                last = step == args.max_steps or time_up or stopping or diverged
+                evaluating = (step % args.eval_interval == 0 or last) and not (stopping or diverged)
 
                 if step % args.log_interval == 0 or evaluating or last:
                     tps = steps_since_log * tokens_per_step / step_time  # training only: no evals, no checkpoints
@@ -519,8 +674,7 @@ def run(args, rank: int = 0, world_size: int = 1) -> int:
                     bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * record['mfu']:.1f}%",
                                     refresh=False)
                     if evaluating:
-                        val = state["val_loss"] = evaluate(model, val_ds, args.batch_size, T, args.eval_batches,
-                                                           device)
+                        val = state["val_loss"] = val_loss()
                         # the matmul rate again: a busy neighbour at start-up must not inflate every later MFU
                         peak = max(peak, measure_matmul_flops(device, n_mm, seconds=0.25))
                         record.update(val_loss=val, val_ppl=math.exp(min(val, 700.0)), matmul_flops=peak)
@@ -542,7 +696,8 @@ def run(args, rank: int = 0, world_size: int = 1) -> int:
     finally:
         bar.close()
         metrics.close()
-    if stop.requested:
+    stopping = agree_on_flags(comm, stop.requested)[0] if parallel else stop.requested
+    if stopping:
         log(f"interrupted at step {step}; checkpoint: {state['last_ckpt']}; continue with the same command and "
             "--resume")
         return 130
@@ -550,7 +705,7 @@ def run(args, rank: int = 0, world_size: int = 1) -> int:
     # -- the end ---------------------------------------------------------------------
     checkpoint(step)  # a no-op when the last step's checkpoint is written (or was resumed from, unchanged)
     if state["val_loss"] is None:  # nothing was trained in this call (the checkpoint was already at --max-steps)
-        state["val_loss"] = evaluate(model, val_ds, args.batch_size, T, args.eval_batches, device)
+        state["val_loss"] = val_loss()
     val = state["val_loss"]
     elapsed = time.perf_counter() - t_start
     why = f" (stopped by --max-minutes {args.max_minutes:g})" if time_up else ""

@@ -401,8 +401,9 @@ class TrainingCheckpoint:
                 raise ResumeError(f"checkpoint {self.path}: its tokenizer is invalid: {e}") from None
             if tokenizer_sha256(theirs) != tokenizer_sha256(tokenizer):
                 raise ResumeError(f"checkpoint {self.path} was trained with another tokenizer ({theirs.n_vocab} "
-                                  f"tokens) than this run's ({tokenizer.n_vocab} tokens): its token ids mean other things; "
-                                  "pass the same --tokenizer / --vocab-size and --data as the run that wrote it")
+                                  f"tokens) than this run's ({tokenizer.n_vocab} tokens): its token ids mean "
+                                  "other things; pass the same --tokenizer / --vocab-size and --data as the run that "
+                                  "wrote it")
 
     def load_model(self, model):
         """Copy the checkpoint's weights into ``model`` (float32, built from the same config)."""
@@ -412,8 +413,12 @@ class TrainingCheckpoint:
         except ValueError as e:
             raise ResumeError(f"checkpoint {self.path} does not fit the model:\n{e}") from None
 
-    def restore(self, mp, optimizer, sampler):
-        """Restore the loss scaler (and masters), AdamW's moments and step counts, the sampler and the RNG."""
+    def restore(self, mp, optimizer, sampler, subset: bool = False):
+        """Restore the loss scaler (and masters), AdamW's moments and step counts, the sampler and the RNG.
+
+        ``subset=True``: the optimizer holds only some of the model's parameters
+        (one pipeline stage); only their state is restored.
+        """
         meta = self.metadata
         try:
             mpm = meta["mixed_precision"]
@@ -426,8 +431,11 @@ class TrainingCheckpoint:
             if om.get("type", type(optimizer).__name__) != type(optimizer).__name__:
                 raise ValueError(f"the checkpoint's optimizer is {om.get('type')}, this run uses "
                                  f"{type(optimizer).__name__}")
+            keep = {n for n, _ in optimizer.named_parameters()} if subset else None
             state = {}
             for name, t in om["param_steps"].items():
+                if keep is not None and name not in keep:
+                    continue
                 entry = {"step": int(t)}
                 for key in optimizer.state_keys:
                     arr = self.tensors.get(f"optim.{key}.{name}")
@@ -435,7 +443,7 @@ class TrainingCheckpoint:
                         entry[key] = arr
                 state[name] = entry
             # only the parameter names of the groups: the hyper-parameters are this run's flags
-            groups = [{"params": list(g["params"])} for g in om["param_groups"]]
+            groups = [{"params": [n for n in g["params"] if keep is None or n in keep]} for g in om["param_groups"]]
             optimizer.load_state_dict({"step": int(om["step"]), "state": state, "param_groups": groups})
             sampler.load_state_dict(meta["data"])
         except (ValueError, KeyError, TypeError) as e:
@@ -451,6 +459,119 @@ class TrainingCheckpoint:
         return _diff({k: train_config.get(k) for k in keys}, {k: theirs.get(k) for k in keys})
 
 
+# ---------------------------------------------------------------------------
+# data and pipeline parallelism (--dp / --pp under mpirun)
+# ---------------------------------------------------------------------------
+
+
+def rank0_first(comm, fn, errors: tuple = (ValueError,)):
+    """``fn()`` on rank 0 first, then on the other ranks (which then find rank 0's cached files); a collective call.
+
+    Building the tokenizer and the token shards once, instead of on every rank
+    at the same time into the same cache folder. If rank 0 raises one of
+    ``errors``, every other rank raises the same type with the same message
+    instead of waiting (and instead of doing the work again). Without a
+    communicator, or at size 1: just ``fn()``.
+    """
+    if comm is None or comm.size == 1:
+        return fn()
+    if comm.rank == 0:
+        try:
+            result = fn()
+        except errors as e:
+            comm.bcast((errors.index(type(e)) if type(e) in errors else 0, str(e)), root=0)
+            raise
+        comm.bcast(None, root=0)
+        return result
+    failure = comm.bcast(None, root=0)
+    if failure is not None:
+        raise errors[failure[0]](failure[1])
+    return fn()
+
+
+def agree_on_flags(comm, *flags) -> list[bool]:
+    """Each flag True on every rank if it is True on any (one all-gather): a stop request, a time limit.
+
+    Signals and clocks differ between processes; decisions that change the
+    sequence of collective calls must not.
+    """
+    if comm is None or comm.size == 1:
+        return [bool(f) for f in flags]
+    gathered = comm.allgather([bool(f) for f in flags])
+    return [any(g[i] for g in gathered) for i in range(len(flags))]
+
+
+def pipeline_train_step(pipe, mp, optimizer, micro_batches, grad_clip: float | None = 1.0):
+    """One optimizer step of a data x pipeline parallel run; ``(loss, grad_norm, skipped, loss_scale)``.
+
+    ``pipe``: the ``parallel.pipeline_exec.PipelineExecutor`` of this rank's
+    stage; ``mp``: the stage's ``MixedPrecision``; ``optimizer``: AdamW over
+    its masters. The executor runs the schedule (every micro-batch's loss is
+    divided by the global batch's token count, times the loss scale), sums the
+    gradients over the data-parallel group and the tied embedding copies; then
+    every rank agrees on a float16 overflow (skip together), the masters are
+    clipped to the global norm over all stages, and each stage steps. A non-finite
+    loss or norm without a loss scaler raises ``NonFiniteError`` on every rank.
+    """
+    from parallel.ddp import agree_found_inf
+    from parallel.pipeline_exec import clip_grad_norm_global_, global_grad_norm
+
+    scale = mp.scaler.get_scale() if mp.scaler.enabled else 1.0
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        result = pipe.step(micro_batches, loss_scale=scale)
+        if not math.isfinite(result.loss) and not mp.scaler.enabled:  # the same global loss on every rank
+            mp.zero_grad()
+            raise NonFiniteError(f"loss is {result.loss}")
+        found_inf = agree_found_inf(pipe.grid.world, mp.unscale_grads_to_master())
+        if not mp.scaler.update(found_inf):
+            mp.zero_grad()
+            return result.loss, None, True, mp.scaler.get_scale()
+        masters = mp.master_named_parameters()
+        if grad_clip:
+            norm = clip_grad_norm_global_(masters, grad_clip, pipe.pp_comm, exclude=pipe.duplicate_names)
+        else:
+            norm = global_grad_norm(masters, pipe.pp_comm, exclude=pipe.duplicate_names)
+        if not math.isfinite(norm):
+            mp.zero_grad()
+            raise NonFiniteError(f"the gradient norm is {norm}")
+        optimizer.step()
+        mp.copy_master_to_model()
+        mp.zero_grad()
+    return result.loss, norm, False, mp.scaler.get_scale()
+
+
+def assemble_full_model(pipe, mp, optimizer, config: GPTConfig, precision: str, adamw_kwargs: dict):
+    """The whole model, its MixedPrecision and its AdamW, rebuilt on world rank 0 from every stage (collective).
+
+    Every stage's float32 master weights and optimizer state go to rank 0
+    (``parallel.pipeline.gather_state``), which builds the single-process
+    objects from them: so ``save_training_checkpoint`` writes the same file a
+    one-process run would, whatever the layout, and ``generate`` can sample.
+    Returns ``(model, mp, optimizer)`` on rank 0, None elsewhere.
+    """
+    import nn
+    from parallel.pipeline import gather_state
+
+    from .model import GPT
+
+    masters = dict(mp.master_named_parameters())
+    tensors = {n: (masters[n].data if n in masters else v) for n, v in pipe.stage.state_dict().items()}
+    model_state, opt_state = gather_state(pipe.grid, pipe.stage, optimizer, tensors=tensors)
+    if pipe.grid.world.rank != 0:
+        return None
+    model = GPT(config)
+    model.load_state_dict(model_state)
+    model.to(pipe.stage.device)
+    full_mp = nn.amp.MixedPrecision(model, precision)
+    full_mp.scaler.load_state_dict(mp.scaler.state_dict())
+    kwargs = dict(adamw_kwargs)
+    full_opt = nn.optim.AdamW(full_mp.param_groups_for_gpt(kwargs.pop("weight_decay", 0.0)), **kwargs)
+    full_opt.load_state_dict(opt_state)
+    return model, full_mp, full_opt
+
+
 __all__ = ["KIND", "ResumeError", "NonFiniteError", "GracefulInterrupt", "step_seed", "seed_dropout_for_step",
-           "rng_state", "restore_rng_state", "matmul_size_for", "measure_matmul_flops", "mfu", "MetricsWriter", "read_metrics",
-           "params_are_finite", "save_training_checkpoint", "TrainingCheckpoint"]
+           "rng_state", "restore_rng_state", "matmul_size_for", "measure_matmul_flops", "mfu", "MetricsWriter",
+           "read_metrics",
+           "params_are_finite", "save_training_checkpoint", "TrainingCheckpoint", "rank0_first", "agree_on_flags",
+           "pipeline_train_step", "assemble_full_model"]
