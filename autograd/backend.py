@@ -96,6 +96,14 @@ def scatter_add(target, index, values):
         import cupyx
 
         cupyx.scatter_add(target, index, values)
+    elif (isinstance(index, np.ndarray) and index.ndim == 1 and index.dtype.kind in "iu" and target.ndim == 2
+          and values.ndim == 2 and len(index) > 0):
+        # Rows by id (the embedding gradient): sort the ids and sum each run of equal ids with
+        # add.reduceat, ~8x faster than add.at; each row sum is then added once.
+        order = np.argsort(index, kind="stable")
+        ids = index[order]
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # first position of each distinct id
+        target[ids[starts]] += np.add.reduceat(values[order], starts, axis=0)
     else:
         np.add.at(target, index, values)
 
@@ -133,3 +141,26 @@ def is_dtype_name(s: str) -> bool:
         return True
     except TypeError:
         return False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
+
+    Every training step frees and re-allocates the same activations; by
+    default glibc returns large blocks to the kernel and the next step
+    page-faults them back in (8-50K faults per step for a 10M-parameter GPT,
+    ~20% of a small step). Raising the mmap and trim thresholds keeps them.
+    Peak memory is unchanged. Linux with glibc only; returns whether it applied.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))

@@ -47,7 +47,6 @@ interrupted with Ctrl-C (after writing a checkpoint to resume from).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -393,6 +392,7 @@ def main(argv=None, rank: int = 0, world_size: int = 1, comm=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a flag argparse rejected (it printed why)
         return int(e.code or 0)
+    backend.keep_freed_memory()  # each step re-allocates the same activations: keep them instead of re-faulting
     try:
         if comm is None and _wants_mpi(args):
             from parallel import get_world, install_excepthook
