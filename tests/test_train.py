@@ -457,3 +457,12 @@ def test_checkpoint_is_a_model_checkpoint_for_generate(corpus, trained):
     assert meta["kind"] == "training-state" and meta["step"] == 3
     assert json.loads(json.dumps(meta["rng"]))["seed"] == 1337
     assert model.config.n_embd == 32 and tok.n_vocab == model.config.vocab_size == 300
+
+
+def test_max_minutes_stops_with_a_checkpoint(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_mod.main(argv(corpus, out, "--max-minutes", "0.0001", steps=50)) == 0  # 6 ms: up after one step
+    stdout = capsys.readouterr().out
+    assert "done (stopped by --max-minutes 0.0001): 1 steps" in stdout
+    assert TrainingCheckpoint.load(out / "ckpt.safetensors").step == 1
+    assert "val_loss" in read_metrics(out / "metrics.jsonl")[-1]
