@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from autograd.backend import get_array_module
-from nn.optim.adamw import AdamW
+from nn.optim.adamw import AdamW, adamw_update_
 from nn.optim.optimizer import Optimizer
 
 from .comm import Communicator, get_world
@@ -281,22 +281,7 @@ class ZeroAdamW(AdamW):
             t = self.param_steps[pc.param]
             s = slice(pc.shard_lo, pc.shard_hi)
             ws, gs, m, v = w[s], g[s], self.exp_avg[s], self.exp_avg_sq[s]
-            if wd != 0.0:
-                ws *= 1.0 - lr * wd
-            tmp = xp.multiply(gs, 1.0 - b1)
-            m *= b1
-            m += tmp
-            xp.multiply(gs, gs, out=tmp)
-            tmp *= 1.0 - b2
-            v *= b2
-            v += tmp
-            step_size = lr / (1.0 - b1 ** t)
-            xp.sqrt(v, out=tmp)
-            tmp /= math.sqrt(1.0 - b2 ** t)
-            tmp += eps
-            xp.divide(m, tmp, out=tmp)
-            tmp *= step_size
-            ws -= tmp
+            adamw_update_(xp, ws, m, v, gs, xp.empty_like(ws), lr, b1, b2, eps, wd, t)
 
     def _gather_params(self, w):
         """All-gather the updated shards (in the parameters' dtype) and write them into every parameter."""

@@ -72,7 +72,7 @@ class AdamW(Optimizer):
                 m, v = st["exp_avg"], st["exp_avg_sq"]
                 hyper = (lr, b1, b2, eps, wd, t)
                 if w.ndim > 1 and not (w.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
-                    _update(xp, w, m, v, g, xp.empty_like(w), *hyper)  # a strided parameter: whole, in place
+                    adamw_update_(xp, w, m, v, g, xp.empty_like(w), *hyper)  # a strided parameter: whole, in place
                 else:
                     flat = [a.reshape(-1) for a in (w, m, v)] + [xp.ascontiguousarray(g).reshape(-1)]  # (n,) views
 
@@ -80,13 +80,16 @@ class AdamW(Optimizer):
                     tmp = xp.empty(pieces[0].stop, dtype=dtype)  # the one scratch buffer, a piece long
                     for sl in pieces:
                         ws, ms, vs, gs = (a[sl] for a in flat)
-                        _update(xp, ws, ms, vs, gs, tmp[:ws.size], *hyper)
+                        adamw_update_(xp, ws, ms, vs, gs, tmp[:ws.size], *hyper)
                 if low:
                     p.data[...] = w  # round back into the float16 parameter, in place
 
 
-def _update(xp, w, m, v, g, tmp, lr, b1, b2, eps, wd, t):
-    """One AdamW update of w, m, v in place from g (any matching shapes), using ``tmp`` as scratch."""
+def adamw_update_(xp, w, m, v, g, tmp, lr, b1, b2, eps, wd, t):
+    """One AdamW update of w, m, v in place from g (any matching shapes), using ``tmp`` as scratch.
+
+    The one transcription of the update rule: ``AdamW`` and ZeRO's sharded optimizer both call it.
+    """
     if wd != 0.0:
         w *= 1.0 - lr * wd
     xp.multiply(g, 1.0 - b1, out=tmp)
