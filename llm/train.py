@@ -709,10 +709,10 @@ def run(args, rank: int = 0, world_size: int = 1, comm=None) -> int:
     val = state["val_loss"]
     elapsed = time.perf_counter() - t_start
     why = f" (stopped by --max-minutes {args.max_minutes:g})" if time_up else ""
-    verdict = "beats" if val < unigram else "does NOT beat"
+    verdict = (f"beats the unigram baseline {unigram:.4f} by {unigram - val:.4f}" if val < unigram else
+               f"does NOT beat the unigram baseline {unigram:.4f} ({val - unigram:.4f} above it: train longer)")
     log(f"done{why}: {step} steps, {step * tokens_per_step:,} tokens, {elapsed / 60:.1f} min; val loss {val:.4f} "
-        f"nats/token ({val / math.log(2) / bytes_per_token:.3f} bits/byte) {verdict} the unigram baseline "
-        f"{unigram:.4f} by {unigram - val:.4f}; checkpoint {state['last_ckpt']}")
+        f"nats/token ({val / math.log(2) / bytes_per_token:.3f} bits/byte) {verdict}; checkpoint {state['last_ckpt']}")
     print_sample(step)
     return 0
 
