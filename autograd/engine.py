@@ -158,17 +158,45 @@ def bind_tensor_type(tensor_cls, as_tensor_fn):
     _Tensor, _as_tensor = tensor_cls, as_tensor_fn
 
 
-def _owned(array, handed_out: set):
-    """Return ``array`` or a copy of it that nobody else aliases.
+class _Holders:
+    """Who else holds each gradient array during one backward pass, so a leaf can keep it without a copy.
 
     A backward pass may hand one array to several inputs (``Add`` does), or a
     view of it; a leaf's ``.grad`` must own its memory so that in-place updates
-    (``p.grad *= clip``, ``+=`` accumulation) touch only that leaf.
+    (``p.grad *= clip``, ``+=`` accumulation) touch only that leaf. Two kinds of
+    holder: ``kept`` for good (the caller's array, leaves' ``.grad``, retained
+    grads) and pending slots, which let go when their node is processed. A
+    leaf's array that a slot or a retained grad takes afterwards is ``shared``:
+    that leaf must accumulate out of place.
     """
-    if id(array) in handed_out or getattr(array, "base", None) is not None:
-        array = array.copy()
-    handed_out.add(id(array))
-    return array
+
+    def __init__(self, caller_grad):
+        self.kept = {id(caller_grad)}
+        self.in_slots = {}  # id(array) -> number of pending slots holding it
+        self.shared = set()  # ids of leaves' arrays that someone else holds too
+
+    def keep(self, array):
+        """A retained grad keeps ``array`` for good."""
+        if id(array) in self.kept:
+            self.shared.add(id(array))
+        self.kept.add(id(array))
+
+    def slot_takes(self, array):
+        if id(array) in self.kept:
+            self.shared.add(id(array))
+        self.in_slots[id(array)] = self.in_slots.get(id(array), 0) + 1
+
+    def slot_releases(self, array):
+        n = self.in_slots.pop(id(array)) - 1
+        if n:
+            self.in_slots[id(array)] = n
+
+    def owned(self, array):
+        """``array``, or a copy when anyone else holds it (or it is a view); the leaf then keeps it."""
+        if id(array) in self.kept or id(array) in self.in_slots or getattr(array, "base", None) is not None:
+            array = array.copy()
+        self.kept.add(id(array))
+        return array
 
 
 def run_backward(root, grad, retain_graph: bool = False):
@@ -179,25 +207,25 @@ def run_backward(root, grad, retain_graph: bool = False):
     ``retain_graph`` is set, each node drops its inputs and saved arrays as soon
     as its backward has run, so the graph's memory is freed as the pass proceeds.
     """
+    holders = _Holders(grad)
     if root._creator is None:
         if root.requires_grad:
-            _accumulate_leaf(root, grad, set())
+            _accumulate_leaf(root, grad, holders)
         return
     _check_not_freed(root._creator)
     uses = _count_leaf_uses(root) if _hooked_leaves else None
     # pending[node] = list of grad arrays, one per output of that node
     pending = {root._creator: [None] * root._creator.n_outputs}
     pending[root._creator][root._output_index] = grad
+    holders.slot_takes(grad)
     heap = [(-root._creator.generation, next(_tiebreak), root._creator)]
-    caller_grad = id(grad)  # the caller's array: never handed to a leaf without a copy
-    handed_out = {caller_grad}
     while heap:
         _, _, fn = heapq.heappop(heap)
         _check_not_freed(fn)
         gys = pending.pop(fn)
-        for gy in gys:  # the node's slot no longer holds them: the first receiver may keep them
-            if gy is not None and id(gy) != caller_grad:
-                handed_out.discard(id(gy))
+        for gy in gys:  # the node's slots no longer hold them
+            if gy is not None:
+                holders.slot_releases(gy)
         if any(gy is None for gy in gys):
             xp = get_array_module(fn.inputs[0].data)
             gys = [gy if gy is not None else xp.zeros(shape, dtype) for gy, (shape, dtype) in zip(gys, fn.output_meta)]
@@ -205,7 +233,7 @@ def run_backward(root, grad, retain_graph: bool = False):
             out = ref()
             if out is not None and out._retains_grad:
                 out.grad = gys[i] if out.grad is None else out.grad + gys[i]
-                handed_out.add(id(out.grad))
+                holders.keep(out.grad)
         gxs = fn.backward(*gys)
         if not isinstance(gxs, tuple):
             gxs = (gxs,)
@@ -222,7 +250,7 @@ def run_backward(root, grad, retain_graph: bool = False):
                 gx = sum_to(gx, x.data.shape)
             creator = x._creator
             if creator is None:
-                _accumulate_leaf(x, gx, handed_out)
+                _accumulate_leaf(x, gx, holders)
                 if uses is not None and x._grad_hooks:
                     uses[id(x)] -= 1
                     if uses[id(x)] == 0:  # the last contribution of this pass: the gradient is final
@@ -234,8 +262,11 @@ def run_backward(root, grad, retain_graph: bool = False):
                 slots = pending[creator] = [None] * creator.n_outputs
                 heapq.heappush(heap, (-creator.generation, next(_tiebreak), creator))
             j = x._output_index
-            slots[j] = gx if slots[j] is None else slots[j] + gx  # out of place: gx may be shared
-            handed_out.add(id(gx))
+            if slots[j] is not None:
+                holders.slot_releases(slots[j])
+                gx = slots[j] + gx  # out of place: both may be held elsewhere
+            slots[j] = gx
+            holders.slot_takes(gx)
         if not retain_graph:
             fn.__dict__.clear()
             fn._freed = True
@@ -301,9 +332,12 @@ def _count_leaf_uses(root):
     return uses
 
 
-def _accumulate_leaf(t, gx, handed_out):
-    """Add ``gx`` into the leaf tensor ``t.grad`` (owning its memory)."""
+def _accumulate_leaf(t, gx, holders):
+    """Add ``gx`` into the leaf tensor ``t.grad``, in place only where nobody else holds that array."""
     if t.grad is None:
-        t.grad = _owned(gx, handed_out)
+        t.grad = holders.owned(gx)
+    elif id(t.grad) in holders.shared or id(t.grad) in holders.in_slots:
+        t.grad = t.grad + gx  # a pending node or a retained grad still reads the old array
+        holders.kept.add(id(t.grad))
     else:
-        t.grad += gx  # t.grad owns its memory (see _owned)
+        t.grad += gx

@@ -106,6 +106,29 @@ def test_leaf_gradients_never_alias_each_other(xp):
     np.testing.assert_array_equal(to_device(c.grad, "cpu"), np.full(3, 2.0))
 
 
+def test_leaf_gradients_never_alias_through_nested_adds(xp):
+    # Below the root, Add passes one fresh array on unchanged, level after level:
+    # a, b and c all receive the very array the Mul produced.
+    a, b, c = (leaf(xp, np.ones(3)) for _ in range(3))
+    ((a + (b + c)) * 2.0).backward(xp.ones(3))
+    for p, q in ((a, b), (a, c), (b, c)):
+        assert not np.shares_memory(p.grad, q.grad) if xp is np else p.grad.data.ptr != q.grad.data.ptr
+    a.grad *= 10
+    np.testing.assert_array_equal(to_device(b.grad, "cpu"), np.full(3, 2.0))
+    np.testing.assert_array_equal(to_device(c.grad, "cpu"), np.full(3, 2.0))
+
+
+def test_a_second_contribution_to_a_leaf_does_not_corrupt_a_pending_gradient(xp):
+    # a receives the Mul's output gradient while h's slot still holds the same array;
+    # a's second contribution (+=) must not change what h later passes to b.
+    a, b = leaf(xp, np.ones(3)), leaf(xp, np.ones(3))
+    h = (b * 1.0).retain_grad()
+    ((a + h) * 2.0 + a * 3.0).backward(xp.ones(3))
+    np.testing.assert_array_equal(to_device(a.grad, "cpu"), np.full(3, 5.0))
+    np.testing.assert_array_equal(to_device(b.grad, "cpu"), np.full(3, 2.0))
+    np.testing.assert_array_equal(to_device(h.grad, "cpu"), np.full(3, 2.0))
+
+
 def test_only_needed_gradients_are_computed(xp):
     Spy.log.clear()
     x = leaf(xp, np.ones(4), requires_grad=False)  # data, e.g. a frozen weight
