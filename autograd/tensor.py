@@ -56,9 +56,13 @@ class Tensor:
         if requires_grad and data.dtype.kind not in "fc":
             raise TypeError(f"only floating-point tensors can require gradients, got dtype {data.dtype}; "
                             "cast first, e.g. Tensor(x, dtype=np.float32, requires_grad=True)")
+        self._set(data, bool(requires_grad), name)
+
+    def _set(self, data, requires_grad: bool, name=None):
+        """Every slot's starting value, in one place for both constructors."""
         self.data = data
         self.grad = None
-        self.requires_grad = bool(requires_grad)
+        self.requires_grad = requires_grad
         self.name = name
         self._creator = None
         self._output_index = 0
@@ -68,17 +72,9 @@ class Tensor:
 
     @classmethod
     def _wrap(cls, array, requires_grad: bool) -> "Tensor":
-        """The engine's fast constructor: an op's output array, trusted as it is."""
+        """The engine's fast constructor: an op's output array, trusted as it is (no checks, no conversion)."""
         t = object.__new__(cls)
-        t.data = array
-        t.grad = None
-        t.requires_grad = requires_grad
-        t.name = None
-        t._creator = None
-        t._output_index = 0
-        t._generation = 0
-        t._retains_grad = False
-        t._grad_hooks = None
+        t._set(array, requires_grad)
         return t
 
     # -- array facts ---------------------------------------------------------
