@@ -173,6 +173,24 @@ def tokenizer_from_json(text: str):
     return Tokenizer.from_json(text, "the checkpoint's tokenizer")
 
 
+def model_state_from_tensors(tensors: dict) -> dict:
+    """The model's state dict inside a checkpoint's tensors: ``"model.<name>"`` entries, prefix removed."""
+    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def tokenizer_from_metadata(metadata: dict, where: str):
+    """The ``Tokenizer`` stored in a checkpoint's metadata, or None; CheckpointError if it is malformed."""
+    text = metadata.get("tokenizer")
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise CheckpointError(f"{where}: metadata 'tokenizer' must be the tokenizer's JSON text")
+    try:
+        return tokenizer_from_json(text)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: the stored tokenizer is invalid: {e}") from None
+
+
 def _check_vocab(tokenizer, config: GPTConfig, where: str):
     if tokenizer is not None and tokenizer.n_vocab != config.vocab_size:
         raise CheckpointError(f"{where}: the tokenizer has n_vocab={tokenizer.n_vocab} but the model's "
@@ -233,7 +251,7 @@ def build_model(tensors: dict, metadata: dict, device: str = "cpu", where: str =
     listing the keys.
     """
     config = config_from_metadata(metadata, where)
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    state = model_state_from_tensors(tensors)
     wte = state.get("wte.weight")
     dtype = wte.dtype if wte is not None and wte.dtype.kind == "f" else np.float32
     model = GPT(config, generator=np.random.default_rng(0), dtype=dtype)
@@ -241,15 +259,8 @@ def build_model(tensors: dict, metadata: dict, device: str = "cpu", where: str =
         model.load_state_dict(state)
     except ValueError as e:
         raise CheckpointError(f"{where} does not fit its model config:\n{e}") from None
-    tokenizer = None
-    tok_text = metadata.get("tokenizer")
-    if tok_text is not None:
-        if not isinstance(tok_text, str):
-            raise CheckpointError(f"{where}: metadata 'tokenizer' must be the tokenizer's JSON text")
-        try:
-            tokenizer = tokenizer_from_json(tok_text)
-        except ValueError as e:
-            raise CheckpointError(f"{where}: the stored tokenizer is invalid: {e}") from None
+    tokenizer = tokenizer_from_metadata(metadata, where)
+    if tokenizer is not None:
         _check_vocab(tokenizer, config, where)
     if device != "cpu":
         model.to(device)

@@ -58,7 +58,8 @@ import numpy as np
 import autograd.random as agrandom
 from autograd import backend
 
-from .checkpoint import FORMAT, CheckpointError, config_from_metadata, load_checkpoint, save_checkpoint
+from .checkpoint import (FORMAT, CheckpointError, config_from_metadata, load_checkpoint, model_state_from_tensors,
+                         save_checkpoint, tokenizer_from_metadata)
 from .model import GPTConfig
 
 #: metadata["kind"] of a checkpoint that holds a training state
@@ -389,16 +390,14 @@ class TrainingCheckpoint:
                               "--n-head, --n-embd, --block-size, --dropout, --vocab-size / --tokenizer), or start a "
                               "new run in another --out-dir")
         if tokenizer is not None:
-            text = self.metadata.get("tokenizer")
-            if not isinstance(text, str):
-                raise ResumeError(f"checkpoint {self.path} holds no tokenizer, so its vocabulary cannot be checked")
-            from .checkpoint import tokenizer_from_json
             from .data import tokenizer_sha256
 
             try:
-                theirs = tokenizer_from_json(text)
-            except ValueError as e:
-                raise ResumeError(f"checkpoint {self.path}: its tokenizer is invalid: {e}") from None
+                theirs = tokenizer_from_metadata(self.metadata, f"checkpoint {self.path}")
+            except CheckpointError as e:
+                raise ResumeError(str(e)) from None
+            if theirs is None:
+                raise ResumeError(f"checkpoint {self.path} holds no tokenizer, so its vocabulary cannot be checked")
             if tokenizer_sha256(theirs) != tokenizer_sha256(tokenizer):
                 raise ResumeError(f"checkpoint {self.path} was trained with another tokenizer ({theirs.n_vocab} "
                                   f"tokens) than this run's ({tokenizer.n_vocab} tokens): its token ids mean "
@@ -407,7 +406,7 @@ class TrainingCheckpoint:
 
     def load_model(self, model):
         """Copy the checkpoint's weights into ``model`` (float32, built from the same config)."""
-        state = {k[len("model."):]: v for k, v in self.tensors.items() if k.startswith("model.")}
+        state = model_state_from_tensors(self.tensors)
         try:
             model.load_state_dict(state)
         except ValueError as e:

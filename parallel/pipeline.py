@@ -469,7 +469,9 @@ def state_to_tensors(model_state: dict, opt_state: dict | None, state_keys=("exp
 
 def tensors_to_state(tensors: dict, metadata: dict, state_keys=("exp_avg", "exp_avg_sq")):
     """The inverse of ``state_to_tensors``: ``(model_state, opt_state or None)`` from a checkpoint's contents."""
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    from llm.checkpoint import model_state_from_tensors
+
+    model_state = model_state_from_tensors(tensors)
     om = metadata.get("optimizer")
     if not isinstance(om, dict):
         return model_state, None
