@@ -98,7 +98,9 @@ class StepResult:
 
 
 def train_step(model, mp, optimizer, micro_batches, grad_clip: float | None = 1.0) -> StepResult:
-    """One optimizer step over ``micro_batches`` (a list of ``(x, y)`` id arrays on the model's device).
+    """One single-process optimizer step over ``micro_batches`` (a list of ``(x, y)`` id arrays on the device).
+
+    Runs over MPI (``--dp``, ``--pp``) take ``trainer_state.pipeline_train_step`` instead, which all-reduces.
 
     Each micro-batch's mean next-token NLL is divided by their number and
     back-propagated (times the loss scale in float16), so the gradients add up
@@ -123,7 +125,6 @@ def train_step(model, mp, optimizer, micro_batches, grad_clip: float | None = 1.
                 raise NonFiniteError(f"loss is {value}")
             total += value
             mp.backward(loss * (1.0 / n) if n > 1 else loss)
-        # Data parallelism goes here: all-reduce the gradients (DataParallel.finish_grads()) before unscaling.
         found_inf = mp.unscale_grads_to_master()
         if not mp.scaler.update(found_inf):  # float16 overflow: skip the step (the scale was halved)
             mp.zero_grad()
