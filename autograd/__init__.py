@@ -21,11 +21,12 @@ from .ops.reduction import logsumexp, max, mean, min, sum, var
 from .ops.shape import (broadcast_to, concatenate, flatten, getitem, pad, permute, reshape, split, squeeze, stack,
                         swapaxes, transpose, tril, triu, unsqueeze)
 from .tensor import Tensor, as_tensor
+from .threads import num_threads, set_num_threads
 
 __all__ = [
     "Tensor", "as_tensor", "random", "Function", "gradcheck", "GradcheckError",
     "no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled", "sum_to",
-    "get_array_module", "cupy_available", "astype", "to_device",
+    "get_array_module", "cupy_available", "astype", "to_device", "num_threads", "set_num_threads",
     "add", "sub", "mul", "div", "neg", "pow", "matmul",
     "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "gelu", "silu", "abs", "maximum", "minimum", "where", "clip",
     "sum", "mean", "var", "max", "min", "logsumexp",

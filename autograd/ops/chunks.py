@@ -13,19 +13,21 @@ microsecond per ufunc call) too often, larger ones fall out of the cache.
 On the GPU (CuPy) every call is a kernel launch, so the whole array is one
 piece there.
 
-(Spreading the pieces over threads, which NumPy allows since it releases
-the GIL inside its loops, was measured and dropped: in a training step each
-element-wise op follows a matrix product, after which OpenBLAS's idle
-workers keep spinning on the other cores for a while, and a second thread
-bought nothing.)
+The pieces of one op are independent, so ``run`` spreads them over the
+CPU worker threads (``autograd.threads``); each thread has its own scratch
+buffers (``buffers``), kept from call to call.
 """
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
+from .. import threads
+
 #: elements per piece on the CPU (float32: 256 KiB)
-CHUNK_ELEMENTS = 1 << 16
+CHUNK_ELEMENTS = 1 << 18
 
 
 def slices(xp, n: int, size: int | None = None, start: int = 0):
@@ -42,6 +44,31 @@ def row_slices(xp, n_rows: int, row_len: int):
     return slices(xp, n_rows, max(1, CHUNK_ELEMENTS // max(1, row_len)))
 
 
+_scratch = threading.local()  # .arrays: this thread's scratch arrays, by slot
+
+
 def buffers(xp, k: int, n: int, dtype):
-    """``k`` scratch arrays of ``n`` elements (one piece's worth) for the intermediates of a chain."""
-    return [xp.empty(n, dtype=dtype) for _ in range(k)]
+    """``k`` scratch arrays of ``n`` elements (one piece's worth) for the intermediates of a chain.
+
+    On the CPU they are this thread's own, reused by the next call (a piece's
+    intermediates never outlive the piece); CuPy gets fresh arrays.
+    """
+    if xp is not np:
+        return [xp.empty(n, dtype=dtype) for _ in range(k)]
+    dtype = np.dtype(dtype)
+    arrays = getattr(_scratch, "arrays", None)
+    if arrays is None:
+        arrays = _scratch.arrays = []
+    out = []
+    for slot in range(k):
+        if slot == len(arrays):
+            arrays.append(np.empty(0, dtype=np.uint8))
+        if arrays[slot].nbytes < n * dtype.itemsize:
+            arrays[slot] = np.empty(n * dtype.itemsize, dtype=np.uint8)
+        out.append(arrays[slot][:n * dtype.itemsize].view(dtype))  # (n,)
+    return out
+
+
+def run(pieces, body):
+    """``body(piece)`` for every piece, spread over the CPU threads (``autograd.threads.run``)."""
+    threads.run(len(pieces), lambda i: body(pieces[i]))

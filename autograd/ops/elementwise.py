@@ -205,11 +205,10 @@ class GELUTanh(Function):
         x = _floating(x)
         xf = xp.ascontiguousarray(x).reshape(-1)  # (n,)
         y = xp.empty_like(xf)
-        pieces = chunks.slices(xp, xf.size)
-        (u,) = chunks.buffers(xp, 1, pieces[0].stop, xf.dtype)
-        for sl in pieces:
+
+        def piece(sl):
             xs = xf[sl]
-            b = u[:xs.size]
+            (b,) = chunks.buffers(xp, 1, xs.size, xf.dtype)
             xp.multiply(xs, xs, out=b)
             b *= _SQRT_2_OVER_PI * _GELU_CUBIC
             b += _SQRT_2_OVER_PI
@@ -218,6 +217,8 @@ class GELUTanh(Function):
             b *= 0.5
             b += 0.5  # 0.5 (1 + t)
             xp.multiply(b, xs, out=y[sl])
+
+        chunks.run(chunks.slices(xp, xf.size), piece)
         self.x, self.shape = xf, x.shape
         return y.reshape(x.shape)
 
@@ -226,12 +227,10 @@ class GELUTanh(Function):
         xf = self.x
         gf = xp.ascontiguousarray(gy).reshape(-1)  # (n,)
         dx = xp.empty_like(xf)
-        pieces = chunks.slices(xp, xf.size)
-        x2, t, d = chunks.buffers(xp, 3, pieces[0].stop, xf.dtype)
-        for sl in pieces:
+
+        def piece(sl):
             xs = xf[sl]
-            n = xs.size
-            a, tb, db = x2[:n], t[:n], d[:n]
+            a, tb, db = chunks.buffers(xp, 3, xs.size, xf.dtype)
             xp.multiply(xs, xs, out=a)  # x^2
             xp.multiply(a, _SQRT_2_OVER_PI * _GELU_CUBIC, out=tb)
             tb += _SQRT_2_OVER_PI
@@ -247,6 +246,8 @@ class GELUTanh(Function):
             db += tb
             db += 0.5  # dy/dx
             xp.multiply(db, gf[sl], out=dx[sl])
+
+        chunks.run(chunks.slices(xp, xf.size), piece)
         return dx.reshape(self.shape)
 
 

@@ -37,8 +37,8 @@ import numbers
 
 import numpy as np
 
-from autograd import backend
-from autograd.backend import accumulation_dtype, get_array_module
+from autograd import backend, threads
+from autograd.backend import accumulation_dtype, get_array_module, sum_rows_of
 from autograd.engine import Function
 from autograd.tensor import Tensor, as_tensor
 
@@ -55,12 +55,6 @@ def causal_mask_bias(xp, T: int, S: int, dtype):
 BLOCK_ROWS = 64
 
 
-def _row_sum(xp, s):
-    """Sums along the last axis, shape (..., 1), as a matrix-vector product (BLAS; NumPy's own reduction over a
-    short last axis is several times slower)."""
-    return xp.matmul(s, xp.ones(s.shape[-1], dtype=s.dtype))[..., None]  # (..., 1)
-
-
 def _row_blocks(xp, T: int, S: int, causal: bool):
     """``(r0, r1, end)`` per block of query rows: rows ``r0:r1`` attend to keys ``0:end``.
 
@@ -70,6 +64,16 @@ def _row_blocks(xp, T: int, S: int, causal: bool):
     """
     rows = BLOCK_ROWS if (causal and xp is np) else T
     return [(r0, min(r0 + rows, T), S - T + min(r0 + rows, T) if causal else S) for r0 in range(0, T, rows)]
+
+
+def _head_pieces(xp, B: int, Hkv: int):
+    """``(batch slice, kv-head slice)`` per piece of work for the CPU threads: one batch element each, or one
+    (batch element, kv head) pair when there are too few batch elements to go round. CuPy: one piece."""
+    if xp is not np:
+        return [(slice(None), slice(None))]
+    if B >= 2 * threads.num_threads() or Hkv == 1:
+        return [(slice(b, b + 1), slice(None)) for b in range(B)]
+    return [(slice(b, b + 1), slice(h, h + 1)) for b in range(B) for h in range(Hkv)]
 
 
 class ScaledDotProductAttention(Function):
@@ -106,11 +110,11 @@ class ScaledDotProductAttention(Function):
     def __init__(self, scale: float, causal: bool, keep=None, dropout_p: float = 0.0):
         self.scale, self.causal, self.keep, self.dropout_p = scale, causal, keep, dropout_p
 
-    def _dropped(self, p, r0, r1, end):
-        """P * M for one block (fresh): the probabilities after dropout, in p's dtype."""
-        B, Hkv, G, T, S = self.keep.shape
-        keep = self.keep[:, :, :, r0:r1, :end].reshape(B, Hkv, G * (r1 - r0), end)  # (B, Hkv, G*n, end)
-        p = p * keep
+    def _dropped(self, p, piece, r0, r1, end):
+        """P * M for one block of one piece (fresh): the probabilities after dropout, in p's dtype."""
+        bs, hs = piece
+        keep = self.keep[bs, hs, :, r0:r1, :end]  # (b, h, G, n, end)
+        p = p * keep.reshape(p.shape)  # (b, h, G*n, end)
         p *= p.dtype.type(1.0 / (1.0 - self.dropout_p))
         return p
 
@@ -127,25 +131,37 @@ class ScaledDotProductAttention(Function):
         # transpose back to (B, T, H * D) is then free, with no copy
         o = xp.empty((B, T, Hkv, G, D), dtype=q.dtype).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, D) view
         self.blocks = _row_blocks(xp, T, S, self.causal)
-        ps = []
-        for r0, r1, end in self.blocks:
-            n = r1 - r0
-            qb = q5[:, :, :, r0:r1].reshape(B, Hkv, G * n, D)  # (B, Hkv, G*n, D): G heads stacked on rows
-            s = xp.matmul(qb, xp.swapaxes(k[:, :, :end], -1, -2))  # (B, Hkv, G*n, end)
-            s = s.astype(cd, copy=False)  # fresh either way: scaled, masked and normalised in place
-            s *= cd.type(self.scale)
-            if self.causal:
-                s5 = s.reshape(B, Hkv, G, n, end)  # (B, Hkv, G, n, end): a view, so the mask lands in s
-                s5[..., end - n:] += causal_mask_bias(xp, n, n, cd)  # the block's diagonal square
-            s -= s.max(axis=-1, keepdims=True)
-            xp.exp(s, out=s)
-            s /= _row_sum(xp, s)
-            p = s.astype(q.dtype, copy=False)  # float16 inputs: P is kept in float16
-            pv = p if self.keep is None else self._dropped(p, r0, r1, end)
-            ob = xp.matmul(pv, v[:, :, :end])  # (B, Hkv, G*n, D)
-            o[:, :, :, r0:r1] = ob.reshape(B, Hkv, G, n, D)
-            ps.append(p)
-        self.q, self.k, self.v, self.ps = q, k, v, ps
+        self.pieces = _head_pieces(xp, B, Hkv)
+        # P of every block, filled piece by piece: (B, Hkv, G*n, end) per block
+        self.ps = [xp.empty((B, Hkv, G * (r1 - r0), end), dtype=q.dtype) for r0, r1, end in self.blocks]
+        masks = {n: causal_mask_bias(xp, n, n, cd) for n in {r1 - r0 for r0, r1, _ in self.blocks}} \
+            if self.causal else {}
+
+        def piece(i):  # a range of batch elements and kv heads, every block of query rows
+            bs, hs = self.pieces[i]
+            for (r0, r1, end), p_all in zip(self.blocks, self.ps):
+                n = r1 - r0
+                qb = q5[bs, hs, :, r0:r1]  # (b, h, G, n, D)
+                qb = qb.reshape(qb.shape[0], qb.shape[1], G * n, D)  # (b, h, G*n, D): G heads stacked on rows
+                p = p_all[bs, hs]  # (b, h, G*n, end)
+                kt = xp.swapaxes(k[bs, hs, :end], -1, -2)  # (b, h, D, end)
+                # float32 computes straight into P; float16 through a float32 copy (softmax needs its range)
+                s = xp.matmul(qb, kt, out=p) if cd == p.dtype else xp.matmul(qb, kt).astype(cd)
+                s *= cd.type(self.scale)
+                if self.causal:
+                    s5 = s.reshape(s.shape[0], s.shape[1], G, n, end)  # (b, h, G, n, end): a view into s
+                    s5[..., end - n:] += masks[n]  # the block's diagonal square
+                s -= s.max(axis=-1, keepdims=True)
+                xp.exp(s, out=s)
+                s /= sum_rows_of(s)[..., None]  # (b, h, G*n, 1)
+                if s is not p:
+                    p[...] = s  # float16 inputs: P is kept in float16
+                pv = p if self.keep is None else self._dropped(p, (bs, hs), r0, r1, end)
+                ob = xp.matmul(pv, v[bs, hs, :end])  # (b, h, G*n, D)
+                o[bs, hs, :, r0:r1] = ob.reshape(ob.shape[0], ob.shape[1], G, n, D)  # (b, h, G, n, D)
+
+        threads.run(len(self.pieces), piece)
+        self.q, self.k, self.v = q, k, v
         return o.reshape(B, H, T, D)  # (B, H, T, D)
 
     def backward(self, go):
@@ -163,27 +179,34 @@ class ScaledDotProductAttention(Function):
         dq = xp.empty((B, T, Hkv, G, D), dtype=q.dtype).transpose(0, 2, 3, 1, 4) if need_q else None
         dk = xp.zeros((B, S, Hkv, D), dtype=cd).transpose(0, 2, 1, 3) if need_k else None  # (B, Hkv, S, D)
         dv = xp.zeros((B, S, Hkv, D), dtype=cd).transpose(0, 2, 1, 3) if need_v else None  # (B, Hkv, S, D)
-        for (r0, r1, end), p in zip(self.blocks, self.ps):
-            n = r1 - r0
-            gob = go5[:, :, :, r0:r1].reshape(B, Hkv, G * n, D)  # (B, Hkv, G*n, D)
-            if need_v:
-                pv = p if self.keep is None else self._dropped(p, r0, r1, end)
-                dv[:, :, :end] += xp.matmul(xp.swapaxes(pv, -1, -2), gob)  # (B, Hkv, end, D): summed over G heads
-            if need_q or need_k:
-                dp = xp.matmul(gob, xp.swapaxes(v[:, :, :end], -1, -2))  # (B, Hkv, G*n, end), fresh
-                dp = dp.astype(cd, copy=False)
-                if self.keep is not None:
-                    dp = self._dropped(dp, r0, r1, end)
-                pc = p.astype(cd, copy=False)
-                dp -= xp.einsum("...j,...j->...", dp, pc)[..., None]  # rowsum(dP * P), no temporary
-                dp *= pc
-                dp *= cd.type(self.scale)  # dS * scale, the common factor of dQ and dK
-                ds = dp.astype(q.dtype, copy=False)
-                if need_q:
-                    dq[:, :, :, r0:r1] = xp.matmul(ds, k[:, :, :end]).reshape(B, Hkv, G, n, D)  # (B, Hkv, G, n, D)
-                if need_k:
-                    qb = q5[:, :, :, r0:r1].reshape(B, Hkv, G * n, D)  # (B, Hkv, G*n, D)
-                    dk[:, :, :end] += xp.matmul(xp.swapaxes(ds, -1, -2), qb)  # (B, Hkv, end, D)
+
+        def piece(i):  # each piece owns its batch elements and kv heads of dq, dk, dv
+            bs, hs = self.pieces[i]
+            for (r0, r1, end), p_all in zip(self.blocks, self.ps):
+                n = r1 - r0
+                p = p_all[bs, hs]  # (b, h, G*n, end)
+                b, h = p.shape[:2]
+                gob = go5[bs, hs, :, r0:r1].reshape(b, h, G * n, D)  # (b, h, G*n, D)
+                if need_v:
+                    pv = p if self.keep is None else self._dropped(p, (bs, hs), r0, r1, end)
+                    dv[bs, hs, :end] += xp.matmul(xp.swapaxes(pv, -1, -2), gob)  # (b, h, end, D): summed over G
+                if need_q or need_k:
+                    dp = xp.matmul(gob, xp.swapaxes(v[bs, hs, :end], -1, -2))  # (b, h, G*n, end), fresh
+                    dp = dp.astype(cd, copy=False)
+                    if self.keep is not None:
+                        dp = self._dropped(dp, (bs, hs), r0, r1, end)
+                    pc = p.astype(cd, copy=False)
+                    dp -= xp.einsum("...j,...j->...", dp, pc)[..., None]  # rowsum(dP * P), no temporary
+                    dp *= pc
+                    dp *= cd.type(self.scale)  # dS * scale, the common factor of dQ and dK
+                    ds = dp.astype(q.dtype, copy=False)
+                    if need_q:
+                        dq[bs, hs, :, r0:r1] = xp.matmul(ds, k[bs, hs, :end]).reshape(b, h, G, n, D)  # (b, h, G, n, D)
+                    if need_k:
+                        qb = q5[bs, hs, :, r0:r1].reshape(b, h, G * n, D)  # (b, h, G*n, D)
+                        dk[bs, hs, :end] += xp.matmul(xp.swapaxes(ds, -1, -2), qb)  # (b, h, end, D)
+
+        threads.run(len(self.pieces), piece)
         if need_q:
             dq = dq.reshape(B, H, T, D)  # (B, H, T, D)
         if need_k:

@@ -17,8 +17,9 @@ import numbers
 
 import numpy as np
 
-from autograd.backend import accumulation_dtype, get_array_module
+from autograd.backend import accumulation_dtype, get_array_module, sum_columns_of, sum_rows_of
 from autograd.engine import Function
+from autograd import threads
 from autograd.ops import chunks
 from autograd.tensor import Tensor, as_tensor
 
@@ -45,11 +46,6 @@ def _check_inputs(name, x, weight, bias):
         if p is not None and tuple(p.shape) != (c,):
             raise ValueError(f"{name}: {label} has shape {tuple(p.shape)}, but the input's last axis has size {c}; "
                              f"{label} must have shape ({c},)")
-
-
-def _row_dot(xp, a, b):
-    """sum_j a[..., j] * b[..., j], shape (..., 1), without an (..., C) temporary."""
-    return xp.einsum("...j,...j->...", a, b)[..., None]  # (..., 1)
 
 
 def _sum_leading(a):
@@ -89,19 +85,28 @@ class LayerNormFunction(Function):
         N = x2.shape[0]
         w = weight.astype(cd, copy=False) if weight is not None else None
         b = bias.astype(cd, copy=False) if bias is not None else None
-        xc = x2.astype(cd, copy=False)
-        mean = xc.mean(axis=-1, keepdims=True)  # (N, 1)
-        y = xc - mean  # fresh: becomes xhat, then y, in place
-        rstd = _row_dot(xp, y, y)  # (N, 1): sums of squares
-        rstd *= cd.type(1.0 / C)  # variances
-        rstd += cd.type(self.eps)
-        xp.sqrt(rstd, out=rstd)
-        xp.reciprocal(rstd, out=rstd)  # 1 / sqrt(var + eps)
-        y *= rstd
-        if w is not None:
-            y *= w
-        if b is not None:
-            y += b
+        mean = xp.empty((N, 1), dtype=cd)
+        rstd = xp.empty((N, 1), dtype=cd)
+        y = xp.empty((N, C), dtype=cd)  # becomes xhat, then y, in place
+
+        def piece(sl):  # a block of rows
+            xs, ys, mu, r = x2[sl].astype(cd, copy=False), y[sl], mean[sl], rstd[sl]
+            (sq,) = chunks.buffers(xp, 1, ys.size, cd)
+            sum_rows_of(xs, out=mu[:, 0])
+            mu *= cd.type(1.0 / C)  # (n, 1)
+            xp.subtract(xs, mu, out=ys)
+            sum_rows_of(xp.multiply(ys, ys, out=sq.reshape(ys.shape)), out=r[:, 0])  # (n, 1): sums of squares
+            r *= cd.type(1.0 / C)  # variances
+            r += cd.type(self.eps)
+            xp.sqrt(r, out=r)
+            xp.reciprocal(r, out=r)  # 1 / sqrt(var + eps)
+            ys *= r
+            if w is not None:
+                ys *= w
+            if b is not None:
+                ys += b
+
+        chunks.run(chunks.row_slices(xp, N, C), piece)
         self.x2, self.mean, self.rstd, self.weight = x2, mean, rstd, weight
         self.param_dtypes = [p.dtype for p in params]
         return y.astype(x.dtype, copy=False).reshape(x.shape)
@@ -120,31 +125,39 @@ class LayerNormFunction(Function):
         inv_n = cd.type(1.0 / C)
 
         pieces = chunks.row_slices(xp, N, C)
-        rows = pieces[0].stop
-        xhat, tmp = (a.reshape(rows, C) for a in chunks.buffers(xp, 2, rows * C, cd))  # (rows, C) each
-        dw = xp.zeros(C, dtype=cd) if need_w else None
-        db = xp.zeros(C, dtype=cd) if need_b else None
-        for sl in pieces:  # cache-sized blocks of rows
+        # dw and db: one partial sum per block of rows, added up in block order below
+        dw_parts = xp.empty((len(pieces), C), dtype=cd) if need_w else None
+        db_parts = xp.empty((len(pieces), C), dtype=cd) if need_b else None
+
+        def piece(i):  # a cache-sized block of rows
+            sl = pieces[i]
             n = sl.stop - sl.start
-            xh, t = xhat[:n], tmp[:n]
+            xh, t, gx = (a.reshape(n, C) for a in chunks.buffers(xp, 3, n * C, cd))  # (n, C) each
             gs = g2[sl].astype(cd, copy=False)
             xp.subtract(x2[sl], mean[sl], out=xh)
             xh *= rstd[sl]
+            xp.multiply(gs, xh, out=gx)  # gy * xhat
             if need_w:
-                xp.multiply(gs, xh, out=t)
-                dw += t.sum(axis=0)
+                sum_columns_of(gx, out=dw_parts[i])
             if need_b:
-                db += gs.sum(axis=0)
+                sum_columns_of(gs, out=db_parts[i])
             if need_x:
                 g = xp.multiply(gs, w, out=t) if w is not None else gs
-                mean_g = g.mean(axis=-1, keepdims=True)  # (n, 1)
-                mean_gx = _row_dot(xp, g, xh)  # (n, 1)
+                if w is not None:
+                    gx *= w  # g * xhat
+                mean_g = sum_rows_of(g)[:, None]  # (n, 1)
+                mean_g *= inv_n
+                mean_gx = sum_rows_of(gx)[:, None]  # (n, 1)
                 mean_gx *= inv_n
                 xh *= mean_gx  # xhat * mean(g xhat)
                 d = dx[sl]
                 xp.subtract(g, xh, out=d)
                 d -= mean_g
                 d *= rstd[sl]
+
+        threads.run(len(pieces), piece)
+        dw = dw_parts.sum(axis=0) if need_w else None
+        db = db_parts.sum(axis=0) if need_b else None
         grads = [dx.astype(x2.dtype, copy=False).reshape(gy.shape) if need_x else None]
         if self.has_weight:
             grads.append(dw.astype(self.param_dtypes[0], copy=False) if need_w else None)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 import autograd
-from autograd.backend import sum_in_float32
+from autograd import threads
+from autograd.backend import sum_columns_of, sum_in_float32
 from autograd.engine import Function
 from autograd.tensor import Tensor
 
@@ -40,23 +41,38 @@ class LinearFunction(Function):
             raise ValueError(f"linear: bias of shape {b.shape} does not match out_features {w.shape[1]}")
         self.lead = x.shape[:-1]
         x2 = x.reshape(-1, w.shape[0])  # (N, in)
-        y2 = x2 @ w  # (N, out)
-        if b is not None:
-            y2 += b  # y2 is our own fresh array
+        y2 = threads.matmul(x2, w, bias=b)  # (N, out)
         self.x2, self.w, self.has_bias = x2, w, b is not None
         return y2.reshape(*self.lead, w.shape[1])  # (..., out)
 
     def backward(self, gy):
-        w = self.w
+        w, x2 = self.w, self.x2
         g2 = gy.reshape(-1, w.shape[1])  # (N, out)
-        gx = gw = gb = None
-        if self.needs_input_grad[0]:
-            gx = (g2 @ w.T).reshape(*self.lead, w.shape[0])  # (..., in)
-        if self.needs_input_grad[1]:
-            gw = self.x2.T @ g2  # (in, out)
-        if self.has_bias and self.needs_input_grad[2]:
-            gb = sum_in_float32(g2, axis=0)  # (out,)
+        need_x, need_w = self.needs_input_grad[:2]
+        need_b = self.has_bias and self.needs_input_grad[2]
+        if isinstance(g2, np.ndarray):  # CPU: the bias sum and both products' row blocks in one round of the threads
+            gx = np.empty((g2.shape[0], w.shape[0]), dtype=np.result_type(g2, w)) if need_x else None  # (N, in)
+            gw = np.empty(w.shape, dtype=np.result_type(x2, g2)) if need_w else None  # (in, out)
+            gb = np.empty(w.shape[1], dtype=g2.dtype) if need_b else None  # (out,)
+            tasks = [lambda: _column_sums(g2, out=gb)] if need_b else []
+            tasks += threads.matmul_pieces(g2, w.T, gx) if need_x else []
+            tasks += threads.matmul_pieces(x2.T, g2, gw) if need_w else []
+            threads.run_all(tasks)
+        else:
+            gx = g2 @ w.T if need_x else None  # (N, in)
+            gw = x2.T @ g2 if need_w else None  # (in, out)
+            gb = sum_in_float32(g2, axis=0) if need_b else None  # (out,)
+        if gx is not None:
+            gx = gx.reshape(*self.lead, w.shape[0])  # (..., in)
         return (gx, gw, gb) if self.has_bias else (gx, gw)
+
+
+def _column_sums(g2, out):
+    """out[:] = g2.sum(axis=0): through BLAS in float32/float64, accumulated in float32 for half precision."""
+    if g2.dtype.itemsize >= 4:
+        sum_columns_of(g2, out=out)
+    else:
+        out[...] = sum_in_float32(g2, axis=0)
 
 
 def linear(x, weight, bias=None) -> Tensor:

@@ -29,10 +29,11 @@ class AdamW(Optimizer):
     The moments are float32 for float16/bfloat16 parameters (the parameter's
     dtype otherwise), the arithmetic is done in that dtype, in place. On the
     CPU a parameter is updated in pieces of at most ``_PIECE`` elements with
-    one piece-sized scratch buffer: no temporary as large as the parameter
-    (GPT-2's embedding table is 154 MB: allocated and freed every step, that
-    is tens of thousands of page faults). Parameters whose ``.grad`` is None
-    are skipped.
+    one piece-sized scratch buffer per thread: no temporary as large as the
+    parameter (GPT-2's embedding table is 154 MB: allocated and freed every
+    step, that is tens of thousands of page faults). The pieces of all
+    parameters are spread over the CPU threads together (``chunks.run``).
+    Parameters whose ``.grad`` is None are skipped.
     """
 
     state_keys = ("exp_avg", "exp_avg_sq")
@@ -53,6 +54,8 @@ class AdamW(Optimizer):
     def step(self):
         """One AdamW update of every parameter that has a gradient."""
         self.step_count += 1
+        updates = []  # (w, m, v, g, hyper) per piece: run together, spread over the CPU threads
+        low_precision = []  # (float16 parameter, its float32 working copy)
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for name, p in group["params"]:
@@ -72,17 +75,23 @@ class AdamW(Optimizer):
                 m, v = st["exp_avg"], st["exp_avg_sq"]
                 hyper = (lr, b1, b2, eps, wd, t)
                 if w.ndim > 1 and not (w.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
-                    adamw_update_(xp, w, m, v, g, xp.empty_like(w), *hyper)  # a strided parameter: whole, in place
+                    updates.append((w, m, v, g, hyper))  # a strided parameter: whole, in place
                 else:
                     flat = [a.reshape(-1) for a in (w, m, v)] + [xp.ascontiguousarray(g).reshape(-1)]  # (n,) views
-
-                    pieces = chunks.slices(xp, w.size, _PIECE)
-                    tmp = xp.empty(pieces[0].stop, dtype=dtype)  # the one scratch buffer, a piece long
-                    for sl in pieces:
-                        ws, ms, vs, gs = (a[sl] for a in flat)
-                        adamw_update_(xp, ws, ms, vs, gs, tmp[:ws.size], *hyper)
+                    for sl in chunks.slices(xp, w.size, _PIECE):
+                        updates.append(tuple(a[sl] for a in flat) + (hyper,))
                 if low:
-                    p.data[...] = w  # round back into the float16 parameter, in place
+                    low_precision.append((p.data, w))
+
+        def piece(update):
+            w, m, v, g, hyper = update
+            xp = get_array_module(w)
+            (tmp,) = chunks.buffers(xp, 1, w.size, w.dtype)
+            adamw_update_(xp, w, m, v, g, tmp.reshape(w.shape), *hyper)
+
+        chunks.run(updates, piece)
+        for data, w in low_precision:
+            data[...] = w  # round back into the float16 parameter, in place
 
 
 def adamw_update_(xp, w, m, v, g, tmp, lr, b1, b2, eps, wd, t):
