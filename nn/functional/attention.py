@@ -66,14 +66,26 @@ def _row_blocks(xp, T: int, S: int, causal: bool):
     return [(r0, min(r0 + rows, T), S - T + min(r0 + rows, T) if causal else S) for r0 in range(0, T, rows)]
 
 
-def _head_pieces(xp, B: int, Hkv: int):
-    """``(batch slice, kv-head slice)`` per piece of work for the CPU threads: one batch element each, or one
-    (batch element, kv head) pair when there are too few batch elements to go round. CuPy: one piece."""
-    if xp is not np:
+#: scores per piece of CPU attention work (B * H * T * S summed over its batch elements): about a core's L2
+PIECE_SCORES = 1 << 17
+
+
+def _head_pieces(xp, B: int, H: int, Hkv: int, T: int, S: int):
+    """``(batch slice, kv-head slice)`` per piece of work for the CPU threads.
+
+    A piece is a run of batch elements with about ``PIECE_SCORES`` scores
+    (fewer pieces pay the threads' hand-offs less often; every thread still
+    gets one), or one (batch element, kv head) pair when there are fewer
+    batch elements than threads. Every (batch, head) is computed the same
+    way in any grouping. CuPy: one piece.
+    """
+    n = threads.num_threads()
+    if xp is not np or n == 1:
         return [(slice(None), slice(None))]
-    if B >= 2 * threads.num_threads() or Hkv == 1:
-        return [(slice(b, b + 1), slice(None)) for b in range(B)]
-    return [(slice(b, b + 1), slice(h, h + 1)) for b in range(B) for h in range(Hkv)]
+    if B < n and Hkv > 1:
+        return [(slice(b, b + 1), slice(h, h + 1)) for b in range(B) for h in range(Hkv)]
+    per_piece = max(1, min(PIECE_SCORES // max(1, H * T * S), -(-B // n)))  # batch elements per piece
+    return [(slice(b, min(b + per_piece, B)), slice(None)) for b in range(0, B, per_piece)]
 
 
 class ScaledDotProductAttention(Function):
@@ -131,7 +143,7 @@ class ScaledDotProductAttention(Function):
         # transpose back to (B, T, H * D) is then free, with no copy
         o = xp.empty((B, T, Hkv, G, D), dtype=q.dtype).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, D) view
         self.blocks = _row_blocks(xp, T, S, self.causal)
-        self.pieces = _head_pieces(xp, B, Hkv)
+        self.pieces = _head_pieces(xp, B, H, Hkv, T, S)
         # P of every block, filled piece by piece: (B, Hkv, G*n, end) per block
         self.ps = [xp.empty((B, Hkv, G * (r1 - r0), end), dtype=q.dtype) for r0, r1, end in self.blocks]
         masks = {n: causal_mask_bias(xp, n, n, cd) for n in {r1 - r0 for r0, r1, _ in self.blocks}} \
