@@ -22,9 +22,10 @@ the allocator keeps). The total peak of each process is printed too
 (PyTorch's includes its ~300 MB of libraries).
 
 Threads: both frameworks use every core: PyTorch's intra-op pool is set to
-``os.cpu_count()``; NumPy's BLAS (OpenBLAS) uses its default, one thread per
-core, unless ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS`` say otherwise; NumPy's
-element-wise loops are single-threaded. ``--threads N`` sets both to N
+``os.cpu_count()``; ours is ``autograd.threads`` (one thread per core unless
+``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` say otherwise), which splits
+matrix products, attention, GELU, LayerNorm and AdamW into pieces and runs
+BLAS single-threaded inside them. ``--threads N`` sets both to N
 (``--threads 1``: one core each, which a busy neighbour disturbs far less
 than two threads that must meet at every barrier).
 
@@ -277,24 +278,12 @@ def _num_threads() -> int:
 def thread_settings():
     import torch
 
-    blas = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default (one per core)"
+    from autograd import threads
+
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") and k.endswith("_")}
     return (f"cores {os.cpu_count()}; torch {torch.__version__} intra-op threads {torch.get_num_threads()}; "
-            f"NumPy {np.__version__} BLAS threads {blas}, element-wise NumPy single-threaded; "
+            f"NumPy {np.__version__}, autograd threads {threads.num_threads()} (BLAS single-threaded inside); "
             f"glibc malloc {malloc or 'defaults'}")
-
-
-def matmul_peak(n=1024, repeats=5):
-    """float32 GFLOP/s of one large NumPy matmul (the machine's ceiling, measured in this run)."""
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
-    a @ b
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        ts.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / min(ts) / 1e9
 
 
 def step_flops(model, tokens):
@@ -409,8 +398,10 @@ def main(argv=None):
         return 0
 
     print(thread_settings())
-    peak = matmul_peak()
-    print(f"float32 matmul peak (1024^3, NumPy): {peak:.0f} GFLOP/s")
+    from llm.trainer_state import measure_matmul_flops
+
+    peak = measure_matmul_flops("cpu", 1024, seconds=2.0) / 1e9
+    print(f"float32 matmul peak (1024^3 on autograd's threads): {peak:.0f} GFLOP/s")
     rows = []
     for name in args.configs:
         repeats = args.repeats or (9 if name == "tiny" else 5)

@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 import autograd.random as agrandom
-from autograd import backend
+from autograd import backend, threads
 
 from .checkpoint import (FORMAT, CheckpointError, config_from_metadata, load_checkpoint, model_state_from_tensors,
                          save_checkpoint, tokenizer_from_metadata)
@@ -124,19 +124,28 @@ def measure_matmul_flops(device: str = "cpu", n: int = 512, seconds: float = 0.5
 
     One product costs ``2 n^3`` FLOPs. The time is split into five windows and
     the fastest window counts (the rate the hardware reaches, not the average
-    over whatever else the machine is doing).
+    over whatever else the machine is doing). On the CPU the product runs on
+    autograd's threads, as the model's do (BLAS alone is single-threaded
+    while they exist).
     """
     xp = backend.array_module_for_device(device)
     rng = np.random.default_rng(0)
     a = backend.to_device(rng.standard_normal((n, n), dtype=np.float32), device)
     b = backend.to_device(rng.standard_normal((n, n), dtype=np.float32), device)
     out = xp.empty((n, n), dtype=np.float32)
-    xp.matmul(a, b, out=out)  # warm-up (BLAS threads, CUDA kernels)
+
+    def product():
+        if xp is np:
+            threads.matmul(a, b)
+        else:
+            xp.matmul(a, b, out=out)
+
+    product()  # warm-up (threads, CUDA kernels)
     _synchronize(xp)
     t0 = time.perf_counter()
     reps = 1
     while True:  # how many products fill a tenth of the budget
-        xp.matmul(a, b, out=out)
+        product()
         _synchronize(xp)
         dt = time.perf_counter() - t0
         if dt > seconds / 50 or reps > 10_000:
@@ -147,7 +156,7 @@ def measure_matmul_flops(device: str = "cpu", n: int = 512, seconds: float = 0.5
     for _ in range(5):
         t = time.perf_counter()
         for _ in range(per_window):
-            xp.matmul(a, b, out=out)
+            product()
         _synchronize(xp)
         best = min(best, time.perf_counter() - t)
     return 2.0 * n ** 3 * per_window / best

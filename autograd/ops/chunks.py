@@ -33,18 +33,34 @@ from .. import threads
 CHUNK_ELEMENTS = 1 << 18
 
 
-def slices(xp, n: int, size: int | None = None, start: int = 0):
-    """``slice`` objects covering ``range(start, n)`` in pieces of ``size`` (default ``CHUNK_ELEMENTS``;
-    one piece for CuPy)."""
-    size = CHUNK_ELEMENTS if size is None else size
-    if xp is not np or n - start <= size:
-        return (slice(start, n),)
-    return tuple(slice(i, min(i + size, n)) for i in range(start, n, size))
+#: an array of more than one piece is cut into a multiple of this many, so 2 or 4 threads share it evenly
+PIECES_MULTIPLE = 4
+
+
+def _piece_size(n: int) -> int:
+    """Elements per piece for an array of ``n``: at most ``CHUNK_ELEMENTS``, in a multiple of PIECES_MULTIPLE pieces.
+
+    It depends on the size alone, never on the thread count, so the pieces
+    (and any sums over them) are the same on any number of threads.
+    """
+    if n <= CHUNK_ELEMENTS:
+        return max(n, 1)
+    count = -(-n // CHUNK_ELEMENTS)
+    count = -(-count // PIECES_MULTIPLE) * PIECES_MULTIPLE
+    return -(-n // count)
+
+
+def slices(xp, n: int, size: int | None = None):
+    """``slice`` objects covering ``range(n)`` in pieces of ``size`` (default ``_piece_size(n)``; one for CuPy)."""
+    size = _piece_size(n) if size is None else size
+    if xp is not np or n <= size:
+        return (slice(0, n),)
+    return tuple(slice(i, min(i + size, n)) for i in range(0, n, size))
 
 
 def row_slices(xp, n_rows: int, row_len: int):
-    """Pieces of whole rows of a ``(n_rows, row_len)`` array, about ``CHUNK_ELEMENTS`` each (at least one row)."""
-    return slices(xp, n_rows, max(1, CHUNK_ELEMENTS // max(1, row_len)))
+    """Pieces of whole rows of a ``(n_rows, row_len)`` array, sized as ``slices`` would (at least one row)."""
+    return slices(xp, n_rows, max(1, -(-_piece_size(n_rows * row_len) // max(1, row_len))))
 
 
 _scratch = threading.local()  # .arrays: this thread's scratch arrays, by slot
