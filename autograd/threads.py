@@ -227,7 +227,8 @@ def matmul(a, b, bias=None):
 
     CuPy arrays, other shapes and one thread take plain ``a @ b``.
     """
-    if not isinstance(a, np.ndarray) or num_threads() == 1 or a.ndim != 2 or b.ndim != 2:
+    if (not isinstance(a, np.ndarray) or num_threads() == 1 or a.ndim != 2 or b.ndim != 2
+            or a.shape[0] < 2 * MIN_ROWS_PER_PIECE):  # one block: no thread to wake
         out = a @ b
         if bias is not None:
             out += bias

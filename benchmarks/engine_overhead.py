@@ -14,6 +14,10 @@ Each number is the median of several repeats (``time.perf_counter``), each
 repeat a loop long enough to be timed reliably, engine and NumPy repeats
 alternating so that a busy neighbour slows both alike.
 
+autograd's CPU threads are set to one here (``autograd.set_num_threads(1)``),
+so the engine and the raw NumPy code run the same BLAS with the same threads:
+the table measures the engine, not the thread pool (``vs_pytorch.py`` does).
+
     .venv/bin/python benchmarks/engine_overhead.py            # the table
     .venv/bin/python benchmarks/engine_overhead.py --profile  # cProfile of the tiny MLP step
 """
@@ -34,6 +38,7 @@ import autograd  # noqa: E402
 from autograd import Tensor, cross_entropy  # noqa: E402
 
 F32 = np.float32
+autograd.set_num_threads(1)  # same BLAS threading on both sides (see the module doc)
 
 
 def calibrate(fn, min_repeat_s=0.03, max_loops=100_000):
