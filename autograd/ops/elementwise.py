@@ -196,8 +196,9 @@ class GELUTanh(Function):
     Only x is saved (the graph holds it anyway); backward recomputes t, which
     costs one tanh but saves keeping a second activation-sized array alive
     from forward to backward (the MLP's widest one). Both passes run in
-    cache-sized pieces (``chunks``): the intermediates stay in small reused
-    buffers, and only x, gy and the result go through memory.
+    cache-sized pieces (``chunks``), spread over the CPU threads: the
+    intermediates stay in small per-thread buffers, and only x, gy and the
+    result go through memory.
     """
 
     def forward(self, x):

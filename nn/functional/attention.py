@@ -114,6 +114,10 @@ class ScaledDotProductAttention(Function):
     blocks are independent in forward (each row's softmax sees its whole row);
     in backward dQ is per block and dK, dV add up the blocks' contributions.
 
+    CPU threads: the work is cut into runs of batch elements (or single
+    (batch, kv head) pairs, ``_head_pieces``), each running every block of
+    its own heads, so each piece writes only its own part of O, P, dQ, dK, dV.
+
     With attention dropout (``keep`` a boolean mask, kept entries scaled by
     1/(1-p)), O = (P * M) V with M = keep / (1 - p): dV = (P * M)^T dO, and dP
     is multiplied by M before the softmax step.

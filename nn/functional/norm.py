@@ -57,9 +57,11 @@ class LayerNormFunction(Function):
     """y = xhat * w + b with xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps), over the last axis (size N).
 
     Forward saves x (already held by the graph), ``mean`` and ``rstd`` (one
-    number per row), as llm.c does; backward recomputes xhat from them, in
-    cache-sized blocks of rows (``chunks``) with two small reused buffers,
-    adding up dw and db block by block.
+    number per row), as llm.c does; backward recomputes xhat from them. Both
+    run in cache-sized blocks of rows (``chunks``) spread over the CPU
+    threads, with small per-thread buffers; dw and db are summed per block,
+    then over the blocks in order. Row and column sums are BLAS products with
+    a vector of ones (``sum_rows_of``, ``sum_columns_of``).
 
     Backward. Let g = gy * w (g = gy without a weight). Along one row,
     d xhat_j / d x_i = rstd * (delta_ij - 1/N - xhat_i xhat_j / N)
