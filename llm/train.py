@@ -125,19 +125,8 @@ def train_step(model, mp, optimizer, micro_batches, grad_clip: float | None = 1.
                 raise NonFiniteError(f"loss is {value}")
             total += value
             mp.backward(loss * (1.0 / n) if n > 1 else loss)
-        found_inf = mp.unscale_grads_to_master()
-        if not mp.scaler.update(found_inf):  # float16 overflow: skip the step (the scale was halved)
-            mp.zero_grad()
-            return StepResult(total / n, None, True, mp.scaler.get_scale())
-        masters = mp.master_named_parameters()
-        norm = nn.optim.clip_grad_norm_(masters, grad_clip) if grad_clip else nn.optim.grad_norm(masters)
-        if not math.isfinite(norm):  # only without loss scaling: float16 overflows were caught above
-            mp.zero_grad()
-            raise NonFiniteError(f"the gradient norm is {norm}")
-        optimizer.step()
-        mp.copy_master_to_model()
-        mp.zero_grad()
-    return StepResult(total / n, norm, False, mp.scaler.get_scale())
+        stepped = mp.step(optimizer, grad_clip)  # a float16 overflow skips the step (the scale was halved)
+    return StepResult(total / n, mp.last_grad_norm, not stepped, mp.scaler.get_scale())
 
 
 def evaluate(model, dataset, batch_size: int, block_size: int, max_batches: int | None, device: str = "cpu") -> float:

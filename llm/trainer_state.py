@@ -57,6 +57,7 @@ import numpy as np
 
 import autograd.random as agrandom
 from autograd import backend, threads
+from nn.amp import NonFiniteError  # the loss, the gradient norm or the weights stopped being finite
 
 from .checkpoint import (FORMAT, CheckpointError, config_from_metadata, load_checkpoint, model_state_from_tensors,
                          save_checkpoint, tokenizer_from_metadata)
@@ -68,10 +69,6 @@ KIND = "training-state"
 
 class ResumeError(Exception):
     """A checkpoint cannot be resumed: missing, corrupt, or made for another model, tokenizer or precision."""
-
-
-class NonFiniteError(ArithmeticError):
-    """The loss, the gradient norm or the weights stopped being finite numbers."""
 
 
 # ---------------------------------------------------------------------------
@@ -530,22 +527,15 @@ def pipeline_train_step(pipe, mp, optimizer, micro_batches, grad_clip: float | N
         if not math.isfinite(result.loss) and not mp.scaler.enabled:  # the same global loss on every rank
             mp.zero_grad()
             raise NonFiniteError(f"loss is {result.loss}")
-        found_inf = agree_found_inf(pipe.grid.world, mp.unscale_grads_to_master())
-        if not mp.scaler.update(found_inf):
-            mp.zero_grad()
-            return result.loss, None, True, mp.scaler.get_scale()
-        masters = mp.master_named_parameters()
-        if grad_clip:
-            norm = clip_grad_norm_global_(masters, grad_clip, pipe.pp_comm, exclude=pipe.duplicate_names)
-        else:
-            norm = global_grad_norm(masters, pipe.pp_comm, exclude=pipe.duplicate_names)
-        if not math.isfinite(norm):
-            mp.zero_grad()
-            raise NonFiniteError(f"the gradient norm is {norm}")
-        optimizer.step()
-        mp.copy_master_to_model()
-        mp.zero_grad()
-    return result.loss, norm, False, mp.scaler.get_scale()
+
+        def norm_over_stages(masters, max_norm):
+            if max_norm:
+                return clip_grad_norm_global_(masters, max_norm, pipe.pp_comm, exclude=pipe.duplicate_names)
+            return global_grad_norm(masters, pipe.pp_comm, exclude=pipe.duplicate_names)
+
+        stepped = mp.step(optimizer, grad_clip, agree_found_inf=lambda f: agree_found_inf(pipe.grid.world, f),
+                          grad_norm=norm_over_stages)
+    return result.loss, mp.last_grad_norm, not stepped, mp.scaler.get_scale()
 
 
 def assemble_full_model(pipe, mp, optimizer, config: GPTConfig, precision: str, adamw_kwargs: dict):

@@ -16,8 +16,9 @@ optimizer updates. One training step:
         mp.copy_master_to_model()            # round the masters into the float16 parameters, in place
     mp.zero_grad()
 
-``mp.step(opt, max_norm=...)`` does the last five lines and returns whether the
-update was applied. With ``Precision("float32")`` the same loop is plain float32
+``mp.step(opt, max_norm=...)`` does the last six lines (and refuses a non-finite
+gradient norm where no scaler catches it) and returns whether the update was
+applied; ``llm``'s training steps, single-process and pipelined, both call it. With ``Precision("float32")`` the same loop is plain float32
 training: the master parameters *are* the model's parameters (no copies), the
 scaler is disabled (scale 1, never skips), and the results are bitwise those of
 a loop without this object.
@@ -58,6 +59,18 @@ import numpy as np
 
 from autograd import backend
 from autograd.backend import get_array_module
+
+from .optim.clip import clip_grad_norm_
+from .optim.clip import grad_norm as _global_norm
+
+
+class NonFiniteError(ArithmeticError):
+    """The loss, the gradient norm or the weights stopped being finite numbers."""
+
+
+def _grad_norm(named_params, max_norm):
+    """The global L2 norm of the gradients, clipping them to ``max_norm`` when it is set (``MixedPrecision.step``)."""
+    return clip_grad_norm_(named_params, max_norm) if max_norm else _global_norm(named_params)
 from autograd.ops.conversion import astype
 from autograd.tensor import Tensor
 
@@ -512,28 +525,41 @@ class MixedPrecision:
                                  "float32 master weights")
         self._checked_optimizers.add(optimizer)
 
-    def step(self, optimizer, max_norm: float | None = None) -> bool:
-        """After ``backward(loss)``: unscale, update the scaler, and if no gradient overflowed clip and step.
+    def step(self, optimizer, max_norm: float | None = None, *, agree_found_inf=None, grad_norm=None) -> bool:
+        """After ``backward(loss)``: unscale, update the scaler, and unless a gradient overflowed, measure, clip, step.
 
-        ``max_norm``: clip the master gradients to this global L2 norm first
-        (``nn.optim.clip_grad_norm_``; the norm is kept in ``last_grad_norm``).
-        Then the masters are copied into the model and all gradients are
-        dropped. Returns True when the update was applied, False when it was
-        skipped (parameters, optimizer state and step count untouched; the scale
-        was lowered).
+        The global L2 norm of the master gradients is measured and kept in
+        ``last_grad_norm``; with ``max_norm`` (None or 0: no clipping) the
+        gradients are clipped to it (``nn.optim.clip_grad_norm_``). Then the
+        optimizer steps, the masters are copied into the model, and all
+        gradients are dropped. Returns True when the update was applied, False
+        when a float16 overflow skipped it (parameters, optimizer state and step
+        count untouched; the scale was lowered).
+
+        Without a loss scaler (float32, bfloat16) nothing catches a NaN or inf
+        gradient, so a non-finite norm raises ``NonFiniteError`` before
+        anything is updated (the gradients are dropped).
+
+        Distributed training passes the two collective parts:
+        ``agree_found_inf(found_inf) -> bool``, every rank's decision on an
+        overflow, and ``grad_norm(named_masters, max_norm) -> float``, the norm
+        over every rank's share (clipping when ``max_norm`` is set).
         """
-        from .optim.clip import clip_grad_norm_
-
         self._check_optimizer(optimizer)
-        found_inf = self.unscale_grads_to_master()
-        stepped = self.scaler.update(found_inf)
-        self.last_grad_norm = None
-        if stepped:
-            if max_norm is not None:
-                self.last_grad_norm = clip_grad_norm_(self.master_named_parameters(), max_norm)
-            optimizer.step()
-            self.copy_master_to_model()
-        self.zero_grad()
+        try:
+            found_inf = self.unscale_grads_to_master()
+            if agree_found_inf is not None:
+                found_inf = agree_found_inf(found_inf)
+            stepped = self.scaler.update(found_inf)
+            self.last_grad_norm = None
+            if stepped:
+                self.last_grad_norm = norm = (grad_norm or _grad_norm)(self.master_named_parameters(), max_norm)
+                if not math.isfinite(norm):  # float16 overflows were caught above: this is float32 or bfloat16
+                    raise NonFiniteError(f"the gradient norm is {norm}")
+                optimizer.step()
+                self.copy_master_to_model()
+        finally:
+            self.zero_grad()
         return stepped
 
     # -- checkpoints -----------------------------------------------------------
@@ -607,4 +633,4 @@ class MixedPrecision:
                 f"scaler={self.scaler!r})")
 
 
-__all__ = ["Precision", "DynamicLossScaler", "MixedPrecision", "bfloat16_dtype"]
+__all__ = ["Precision", "DynamicLossScaler", "MixedPrecision", "NonFiniteError", "bfloat16_dtype"]

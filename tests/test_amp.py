@@ -10,7 +10,7 @@ import autograd
 import nn
 from autograd import Tensor
 from autograd.backend import to_device
-from nn.amp import DynamicLossScaler, MixedPrecision, Precision
+from nn.amp import DynamicLossScaler, MixedPrecision, NonFiniteError, Precision
 from nn.optim import AdamW, clip_grad_norm_, param_groups_for_gpt
 
 
@@ -277,6 +277,25 @@ def test_fp32_masters_are_the_model_parameters_and_cost_nothing(xp):
     assert mp.unscale_grads_to_master() is False  # the disabled scaler never skips
     assert model.fc1.weight.grad is g
     assert mp.state_dict()["master"] == {}
+
+
+def test_fp32_step_refuses_a_nan_gradient_and_measures_the_norm_unclipped(xp):
+    model = TinyNet().to(_dev(xp))
+    mp = MixedPrecision(model, "fp32")
+    opt = AdamW(mp.master_named_parameters(), lr=1e-2)
+    x, y = _dataset(xp)
+    mp.backward(_loss(model, x[:16], y[:16], mp))
+    expect = float(np.sqrt(sum(float((_cpu(p.grad).astype(np.float64) ** 2).sum())
+                               for _, p in model.named_parameters())))
+    assert mp.step(opt) is True and mp.last_grad_norm == pytest.approx(expect, rel=1e-5)
+    params = _snapshot(model.named_parameters())
+    mp.backward(_loss(model, x[16:32], y[16:32], mp))
+    model.fc2.bias.grad[1] = np.nan  # no loss scaler to catch it
+    with pytest.raises(NonFiniteError, match="gradient norm is nan"):
+        mp.step(opt)
+    assert opt.step_count == 1
+    for n, p in model.named_parameters():
+        assert np.array_equal(_cpu(p.data), params[n]) and p.grad is None
 
 
 def test_skipped_step_leaves_parameters_and_optimizer_state_untouched(xp):

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import numbers
 
-import numpy as np
-
+from autograd import threads
 from autograd.backend import accumulation_dtype, get_array_module, sum_columns_of, sum_rows_of
 from autograd.engine import Function
-from autograd import threads
 from autograd.ops import chunks
 from autograd.tensor import Tensor, as_tensor
 
