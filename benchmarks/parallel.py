@@ -102,7 +102,7 @@ def worker_pp(args):
     import numpy as np
 
     from parallel import get_world, make_grid
-    from parallel.pipeline import build_stage
+    from llm.pipeline_stage import build_stage
     from parallel.pipeline_exec import PipelineExecutor, split_micro_batches
 
     comm = get_world()

@@ -23,7 +23,7 @@ One step, the same code for fp32, fp16 and bf16 (``nn.amp.MixedPrecision``)::
         clip_grad_norm_(masters, grad_clip); optimizer.step(); mp.copy_master_to_model()
 
 Data and pipeline parallelism (``--dp``, ``--pp``, ``--schedule``, ``--micro-batches``; under mpirun):
-every process holds one stage of one replica (``parallel.pipeline``), a step runs
+every process holds one stage of one replica (``llm.pipeline_stage``), a step runs
 the pipeline schedule over ``--micro-batches`` micro-batches and sums the
 gradients over the replicas (``parallel.pipeline_exec``), and the global loss
 normaliser makes the result that of one process on the same batches (float
@@ -497,7 +497,9 @@ def run(args, rank: int = 0, world_size: int = 1, comm=None) -> int:
     pipe = None
     if parallel:  # this rank keeps its stage of the model (all of it with --pp 1)
         from parallel import make_grid
-        from parallel.pipeline import GPTStage, parse_counts, stage_layout
+        from parallel.pipeline import parse_counts
+
+        from .pipeline_stage import GPTStage, stage_layout
 
         try:
             layout = stage_layout(config, args.pp, parse_counts(args.stage_layout))

@@ -1,7 +1,7 @@
 """Pipeline parallelism, the MPI side: execute a stage's instruction list, then sync gradients.
 
     grid = make_grid(get_world(), dp, pp)                    # world rank = stage * dp + dp_rank
-    stage = build_stage(config, grid.stage, pp, generator=np.random.default_rng(seed))
+    stage = build_stage(config, grid.stage, pp, generator=np.random.default_rng(seed))  # llm.pipeline_stage
     pipe = PipelineExecutor(stage, grid, n_micro=4, schedule="1f1b")
     opt = nn.optim.AdamW(nn.optim.param_groups_for_gpt(stage, 0.1), lr=1e-3)
     for step in ...:
@@ -33,6 +33,19 @@ What ``step`` does:
    ``no_sync``), then, with tied embeddings, the ``wte`` gradients of the first
    and last stage are summed (one message each way), so both copies stay equal.
 
+The stage is any ``nn.Module`` with the attributes below (``llm.pipeline_stage.GPTStage``
+is the GPT's; this module imports no model):
+
+- ``stage``, ``n_stages``, ``is_first``, ``is_last``: its place in the pipeline;
+- ``forward(x, targets=None, n_tokens=None)``: token ids (first stage) or the
+  previous stage's activation Tensor in; the activation out, or on the last
+  stage with ``targets`` the loss summed over tokens and divided by ``n_tokens``;
+- ``activation_shape(ids_shape)``, ``activation_dtype``, ``device``: what
+  travels between stages, to post receives ahead of time;
+- ``tied_weight``: ``(name, Parameter)`` of a weight the first and last stage
+  both hold (GPT's tied ``wte``) or None; ``holds_tied_copy``: True on the
+  stage whose copy is the duplicate (counted once in the gradient norm).
+
 ``step`` returns a ``StepResult``: the global loss (on every rank), the peak
 number of micro-batches whose activations this stage held, and the stage's
 busy time (forward and backward computations) against the step's wall time.
@@ -53,7 +66,10 @@ from autograd.tensor import Tensor
 from . import schedule as sch
 from .comm import Communicator, Grid
 from .ddp import DataParallel
-from .pipeline import GPTStage
+
+#: what a stage module must have (see the module docstring)
+STAGE_ATTRIBUTES = ("stage", "n_stages", "is_first", "is_last", "forward", "activation_shape", "activation_dtype",
+                    "device", "tied_weight", "holds_tied_copy")
 
 #: message tags: activation of micro-batch i -> 2 i, its gradient -> 2 i + 1; the tied-embedding gradient
 TIED_GRAD_TAG = 1 << 20
@@ -98,7 +114,7 @@ def split_micro_batches(x, y, n_micro: int) -> list:
 class PipelineExecutor:
     """Run one pipeline stage's share of every step over ``grid`` (see the module docstring).
 
-    ``stage``: this rank's ``GPTStage`` (stage ``grid.stage`` of ``grid.pp``).
+    ``stage``: this rank's stage module (stage ``grid.stage`` of ``grid.pp``; see the module docstring).
     ``grid``: a ``parallel.comm.Grid``; a plain ``Communicator`` is taken as the
     pipeline group with no data parallelism. ``schedule``: "1f1b" or "gpipe".
     ``n_micro``: micro-batches per step. Construction is a collective call
@@ -106,15 +122,18 @@ class PipelineExecutor:
     dp-rank 0's weights).
     """
 
-    def __init__(self, stage: GPTStage, grid, n_micro: int, schedule: str = "1f1b", bucket_mb: float = 25.0,
+    def __init__(self, stage, grid, n_micro: int, schedule: str = "1f1b", bucket_mb: float = 25.0,
                  recv_lookahead: int = 2):
         if isinstance(grid, Communicator):
             grid = Grid(grid, 1, grid.size, 0, grid.rank, Communicator(), grid)
-        if not isinstance(stage, GPTStage):
-            raise TypeError(f"PipelineExecutor needs a GPTStage, got {type(stage).__name__}")
+        missing = [a for a in STAGE_ATTRIBUTES if not hasattr(stage, a)]
+        if missing:
+            raise TypeError(f"PipelineExecutor needs a pipeline stage module (llm.pipeline_stage.GPTStage, or one with "
+                            f"the attributes in parallel.pipeline_exec's docstring); {type(stage).__name__} lacks "
+                            f"{', '.join(missing)}")
         if stage.n_stages != grid.pp or stage.stage != grid.stage:
             raise ValueError(f"this rank is stage {grid.stage} of {grid.pp}, but its module is stage {stage.stage} of "
-                             f"{stage.n_stages}: build the stage with build_stage(config, grid.stage, grid.pp)")
+                             f"{stage.n_stages}: build the stage with llm.pipeline_stage.build_stage(config, grid.stage, grid.pp)")
         if recv_lookahead < 1:
             raise ValueError(f"recv_lookahead must be >= 1, got {recv_lookahead}")
         self.stage, self.grid = stage, grid
@@ -128,9 +147,9 @@ class PipelineExecutor:
 
     # -- tied embeddings ---------------------------------------------------------------
     def _tied_peer(self):
-        """The stage this one sums the tied ``wte`` gradient with (None if there is no second copy)."""
+        """The stage this one sums the tied weight's gradient with (None if there is no second copy)."""
         s = self.stage
-        if not s.tied or s.n_stages == 1:
+        if s.tied_weight is None:
             return None
         if s.is_first:
             return s.n_stages - 1
@@ -143,7 +162,7 @@ class PipelineExecutor:
         peer = self._tied_peer()
         if peer is None:
             return
-        w = self.stage.wte.weight
+        _, w = self.stage.tied_weight
         if self.stage.is_first:
             self.pp_comm.send(w.data, dest=peer, tag=TIED_GRAD_TAG + 1)
         else:
@@ -155,7 +174,7 @@ class PipelineExecutor:
         peer = self._tied_peer()
         if peer is None:
             return
-        w = self.stage.wte.weight
+        _, w = self.stage.tied_weight
         xp = get_array_module(w.data)
         mine = w.grad if w.grad is not None else xp.zeros_like(w.data)
         mine = xp.ascontiguousarray(mine)
@@ -301,7 +320,7 @@ class PipelineExecutor:
     @property
     def duplicate_names(self) -> tuple:
         """Parameter names this stage holds a second copy of (the last stage's tied ``wte``): count them once."""
-        return ("wte.weight",) if self.stage.holds_tied_copy else ()
+        return (self.stage.tied_weight[0],) if self.stage.holds_tied_copy else ()
 
     # -- evaluation --------------------------------------------------------------------
     def eval_loss(self, batches) -> float:

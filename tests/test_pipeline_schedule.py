@@ -17,8 +17,9 @@ import nn
 from llm.model import GPT, GPTConfig, get_preset
 from parallel import Communicator, make_grid
 from parallel import schedule as sch
-from parallel.pipeline import (GPTStage, build_stage, check_counts, gather_state, merge_optimizer_states,
-                               parse_counts, partition_balanced, stage_layout, stage_optimizer_state, stage_state)
+from llm.pipeline_stage import GPTStage, build_stage, stage_layout
+from parallel.pipeline import (check_counts, gather_state, merge_optimizer_states, parse_counts, partition_balanced,
+                               stage_optimizer_state, stage_state)
 from parallel.pipeline_exec import PipelineExecutor, split_micro_batches
 
 CASES = [(kind, p, k * p) for kind in sch.SCHEDULES for p in (2, 4) for k in (1, 2, 4)]
@@ -302,3 +303,9 @@ def test_state_moves_between_layouts():
     assert set(merged["state"]) == set(full_opt["state"])
     for n, entry in full_opt["state"].items():
         np.testing.assert_array_equal(merged["state"][n]["exp_avg_sq"], entry["exp_avg_sq"])
+
+
+def test_executor_names_what_a_stage_module_lacks():
+    grid = make_grid(Communicator(), 1, 1)
+    with pytest.raises(TypeError, match="lacks stage, n_stages, is_first"):
+        PipelineExecutor(nn.Linear(2, 2), grid, n_micro=1)

@@ -16,7 +16,7 @@ import pytest
 import nn
 from llm.model import GPT, GPTConfig
 from parallel import make_grid
-from parallel.pipeline import build_stage
+from llm.pipeline_stage import build_stage
 from parallel.pipeline_exec import PipelineExecutor, split_micro_batches
 from parallel.schedule import peak_activations_bound
 

@@ -19,7 +19,7 @@ import nn
 from llm.checkpoint import CheckpointError, load_checkpoint
 from llm.model import GPT, GPTConfig
 from parallel import Communicator, make_grid
-from parallel.pipeline import build_stage, load_pipeline_checkpoint, save_pipeline_checkpoint
+from llm.pipeline_stage import build_stage, load_pipeline_checkpoint, save_pipeline_checkpoint
 from parallel.pipeline_exec import PipelineExecutor, split_micro_batches
 
 pytestmark = pytest.mark.mpi
