@@ -240,7 +240,11 @@ def run_backward(root, grad, retain_graph: bool = False):
         if len(gxs) != len(fn.inputs):
             raise RuntimeError(f"{type(fn).__name__}.backward returned {len(gxs)} gradients for {len(fn.inputs)} inputs")
         for x, gx, need in zip(fn.inputs, gxs, fn.needs_input_grad):
-            if not need or gx is None:
+            if not need:
+                continue
+            if gx is None:  # a zero gradient, left uncomputed: for a hooked leaf, one edge less to wait for
+                if uses is not None and x._creator is None and x._grad_hooks:
+                    _edge_done(x, uses)
                 continue
             if isinstance(gx, np.generic):
                 gx = np.asarray(gx)  # NumPy turns 0-d results into scalars
@@ -252,10 +256,7 @@ def run_backward(root, grad, retain_graph: bool = False):
             if creator is None:
                 _accumulate_leaf(x, gx, holders)
                 if uses is not None and x._grad_hooks:
-                    uses[id(x)] -= 1
-                    if uses[id(x)] == 0:  # the last contribution of this pass: the gradient is final
-                        for hook in x._grad_hooks:
-                            hook(x)
+                    _edge_done(x, uses)
                 continue
             slots = pending.get(creator)
             if slots is None:
@@ -270,6 +271,11 @@ def run_backward(root, grad, retain_graph: bool = False):
         if not retain_graph:
             fn.__dict__.clear()
             fn._freed = True
+    if uses:  # leaves below a node that received no gradient at all: their gradients are final now
+        for count, leaf in list(uses.values()):
+            if count > 0:
+                for hook in leaf._grad_hooks:
+                    hook(leaf)
 
 
 def _check_not_freed(fn):
@@ -308,11 +314,22 @@ def register_leaf_hook(t, hook):
     return Handle()
 
 
+def _edge_done(leaf, uses):
+    """One of ``leaf``'s gradient edges has been through; after the last one its hooks fire (the gradient is final)."""
+    entry = uses[id(leaf)]
+    entry[0] -= 1
+    if entry[0] == 0:
+        for hook in leaf._grad_hooks:
+            hook(leaf)
+
+
 def _count_leaf_uses(root):
-    """For each hooked leaf reachable from ``root``, how many graph edges feed its gradient.
+    """For each hooked leaf reachable from ``root``: ``id -> [edges that feed its gradient, the leaf]``.
 
     A leaf used twice (a tied embedding) gets two contributions; its hook must
     fire after the second. An iterative walk over the nodes, each visited once.
+    Edges below a node that never receives a gradient are never run; the
+    hooks of leaves still waiting when the pass ends fire then.
     """
     uses = {}
     seen = {id(root._creator)}
@@ -325,7 +342,7 @@ def _count_leaf_uses(root):
             creator = x._creator
             if creator is None:
                 if x._grad_hooks:
-                    uses[id(x)] = uses.get(id(x), 0) + 1
+                    uses.setdefault(id(x), [0, x])[0] += 1
             elif id(creator) not in seen:
                 seen.add(id(creator))
                 stack.append(creator)

@@ -251,3 +251,30 @@ def test_post_accumulate_grad_hook_fires_once_after_the_last_contribution(xp):
     assert [name for name, _ in seen] == ["b"]
     with pytest.raises(RuntimeError, match="leaf"):
         (w * 2.0).register_post_accumulate_grad_hook(lambda t: None)
+
+
+class ZeroGradient(Function):
+    """y = x, whose backward declares the gradient zero by returning None (as an op may for an input it ignores)."""
+
+    def forward(self, x):
+        return x.copy()
+
+    def backward(self, gy):
+        return None
+
+
+def test_post_accumulate_grad_hook_fires_when_a_backward_returns_none(xp):
+    w = leaf(xp, np.array([1.0, 2.0]))
+    v = leaf(xp, np.array([5.0, 6.0]))
+    b = leaf(xp, np.array([3.0, 4.0]))
+    seen = []
+    for name, t in (("w", w), ("v", v), ("b", b)):
+        t.register_post_accumulate_grad_hook(
+            lambda t, name=name: seen.append((name, None if t.grad is None else to_device(t.grad, "cpu").copy())))
+    # w: one edge returns None, the other brings 3; v: its only path runs through a node that gets no gradient
+    y = ZeroGradient()(w) + w * 3.0 + ZeroGradient()(v * 2.0) + b
+    y.backward(xp.ones(2))
+    assert sorted(name for name, _ in seen) == ["b", "v", "w"]  # each once
+    got = dict(seen)
+    np.testing.assert_array_equal(got["w"], [3.0, 3.0])
+    assert got["v"] is None and v.grad is None
