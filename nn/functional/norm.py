@@ -46,9 +46,97 @@ def _check_inputs(name, x, weight, bias):
                              f"{label} must have shape ({c},)")
 
 
-def _sum_leading(a):
-    """Sum over every axis but the last: (..., C) -> (C,)."""
-    return a.reshape(-1, a.shape[-1]).sum(axis=0)  # (N, C) -> (C,)
+def _normalise_rows(x2, weight, bias, eps: float, center: bool, cd):
+    """Forward of LayerNorm (``center``) or RMSNorm over the rows of ``x2`` (N, C), in blocks on the CPU threads.
+
+    Returns ``(y, mean, rstd)``: y (N, C) in ``cd``, the row means (N, 1) (None
+    without centring) and ``rstd`` (N, 1), 1 / sqrt(var + eps) or
+    1 / sqrt(mean(x^2) + eps).
+    """
+    xp = get_array_module(x2)
+    N, C = x2.shape
+    w = weight.astype(cd, copy=False) if weight is not None else None
+    b = bias.astype(cd, copy=False) if bias is not None else None
+    mean = xp.empty((N, 1), dtype=cd) if center else None
+    rstd = xp.empty((N, 1), dtype=cd)
+    y = xp.empty((N, C), dtype=cd)  # becomes xhat, then y, in place
+
+    def piece(sl):  # a block of rows
+        xs, ys, r = x2[sl].astype(cd, copy=False), y[sl], rstd[sl]
+        (sq,) = chunks.buffers(xp, 1, ys.size, cd)
+        if center:
+            mu = mean[sl]
+            sum_rows_of(xs, out=mu[:, 0])
+            mu *= cd.type(1.0 / C)  # (n, 1)
+            xp.subtract(xs, mu, out=ys)
+        else:
+            ys[...] = xs
+        sum_rows_of(xp.multiply(ys, ys, out=sq.reshape(ys.shape)), out=r[:, 0])  # (n, 1): sums of squares
+        r *= cd.type(1.0 / C)  # variances (mean squares without centring)
+        r += cd.type(eps)
+        xp.sqrt(r, out=r)
+        xp.reciprocal(r, out=r)  # 1 / sqrt(var + eps)
+        ys *= r
+        if w is not None:
+            ys *= w
+        if b is not None:
+            ys += b
+
+    chunks.run(chunks.row_slices(xp, N, C), piece)
+    return y, mean, rstd
+
+
+def _normalise_rows_backward(g2, x2, weight, mean, rstd, need_x: bool, need_w: bool, need_b: bool):
+    """Backward of ``_normalise_rows``: ``(dx, dw, db)`` (each None where not needed), dx in rstd's dtype.
+
+    Rebuilds xhat block by block from ``mean`` (None: no centring) and ``rstd``;
+    dw and db are summed per block, then over the blocks in order, so the bits
+    do not depend on the number of threads.
+    """
+    xp = get_array_module(g2)
+    cd = rstd.dtype
+    N, C = x2.shape
+    w = weight.astype(cd, copy=False) if weight is not None else None
+    dx = xp.empty((N, C), dtype=cd) if need_x else None
+    inv_n = cd.type(1.0 / C)
+    pieces = chunks.row_slices(xp, N, C)
+    dw_parts = xp.empty((len(pieces), C), dtype=cd) if need_w else None
+    db_parts = xp.empty((len(pieces), C), dtype=cd) if need_b else None
+
+    def piece(i):  # a cache-sized block of rows
+        sl = pieces[i]
+        n = sl.stop - sl.start
+        xh, t, gx = (a.reshape(n, C) for a in chunks.buffers(xp, 3, n * C, cd))  # (n, C) each
+        gs = g2[sl].astype(cd, copy=False)
+        if mean is not None:
+            xp.subtract(x2[sl], mean[sl], out=xh)
+        else:
+            xh[...] = x2[sl]
+        xh *= rstd[sl]
+        xp.multiply(gs, xh, out=gx)  # gy * xhat
+        if need_w:
+            sum_columns_of(gx, out=dw_parts[i])
+        if need_b:
+            sum_columns_of(gs, out=db_parts[i])
+        if need_x:
+            g = xp.multiply(gs, w, out=t) if w is not None else gs
+            if w is not None:
+                gx *= w  # g * xhat
+            mean_gx = sum_rows_of(gx)[:, None]  # (n, 1)
+            mean_gx *= inv_n
+            xh *= mean_gx  # xhat * mean(g xhat)
+            d = dx[sl]
+            xp.subtract(g, xh, out=d)
+            if mean is not None:
+                mean_g = sum_rows_of(g)[:, None]  # (n, 1)
+                mean_g *= inv_n
+                d -= mean_g
+            d *= rstd[sl]
+
+    threads.run(len(pieces), piece)
+    dw = dw_parts.sum(axis=0) if need_w else None
+    db = db_parts.sum(axis=0) if need_b else None
+    return dx, dw, db
 
 
 class LayerNormFunction(Function):
@@ -57,9 +145,10 @@ class LayerNormFunction(Function):
     Forward saves x (already held by the graph), ``mean`` and ``rstd`` (one
     number per row), as llm.c does; backward recomputes xhat from them. Both
     run in cache-sized blocks of rows (``chunks``) spread over the CPU
-    threads, with small per-thread buffers; dw and db are summed per block,
-    then over the blocks in order. Row and column sums are BLAS products with
-    a vector of ones (``sum_rows_of``, ``sum_columns_of``).
+    threads, with small per-thread buffers (``_normalise_rows``, shared with
+    RMSNorm); dw and db are summed per block, then over the blocks in order.
+    Row and column sums are BLAS products with a vector of ones
+    (``sum_rows_of``, ``sum_columns_of``).
 
     Backward. Let g = gy * w (g = gy without a weight). Along one row,
     d xhat_j / d x_i = rstd * (delta_ij - 1/N - xhat_i xhat_j / N)
@@ -78,87 +167,19 @@ class LayerNormFunction(Function):
         weight = params[0] if self.has_weight else None
         bias = params[-1] if self.has_bias else None
         _check_inputs("layer_norm", x, weight, bias)
-        xp = get_array_module(x)
         cd = _compute_dtype(x.dtype, *(p.dtype for p in params))
-        C = x.shape[-1]
-        x2 = x.reshape(-1, C)  # (N, C)
-        N = x2.shape[0]
-        w = weight.astype(cd, copy=False) if weight is not None else None
-        b = bias.astype(cd, copy=False) if bias is not None else None
-        mean = xp.empty((N, 1), dtype=cd)
-        rstd = xp.empty((N, 1), dtype=cd)
-        y = xp.empty((N, C), dtype=cd)  # becomes xhat, then y, in place
-
-        def piece(sl):  # a block of rows
-            xs, ys, mu, r = x2[sl].astype(cd, copy=False), y[sl], mean[sl], rstd[sl]
-            (sq,) = chunks.buffers(xp, 1, ys.size, cd)
-            sum_rows_of(xs, out=mu[:, 0])
-            mu *= cd.type(1.0 / C)  # (n, 1)
-            xp.subtract(xs, mu, out=ys)
-            sum_rows_of(xp.multiply(ys, ys, out=sq.reshape(ys.shape)), out=r[:, 0])  # (n, 1): sums of squares
-            r *= cd.type(1.0 / C)  # variances
-            r += cd.type(self.eps)
-            xp.sqrt(r, out=r)
-            xp.reciprocal(r, out=r)  # 1 / sqrt(var + eps)
-            ys *= r
-            if w is not None:
-                ys *= w
-            if b is not None:
-                ys += b
-
-        chunks.run(chunks.row_slices(xp, N, C), piece)
-        self.x2, self.mean, self.rstd, self.weight = x2, mean, rstd, weight
+        x2 = x.reshape(-1, x.shape[-1])  # (N, C)
+        y, self.mean, self.rstd = _normalise_rows(x2, weight, bias, self.eps, True, cd)
+        self.x2, self.weight = x2, weight
         self.param_dtypes = [p.dtype for p in params]
         return y.astype(x.dtype, copy=False).reshape(x.shape)
 
     def backward(self, gy):
-        x2, weight, mean, rstd = self.x2, self.weight, self.mean, self.rstd
-        xp = get_array_module(gy)
-        cd = rstd.dtype
-        N, C = x2.shape
-        g2 = gy.reshape(N, C)  # (N, C)
-        need_x = self.needs_input_grad[0]
         need_w = self.has_weight and self.needs_input_grad[1]
         need_b = self.has_bias and self.needs_input_grad[-1]
-        w = weight.astype(cd, copy=False) if weight is not None else None
-        dx = xp.empty((N, C), dtype=cd) if need_x else None
-        inv_n = cd.type(1.0 / C)
-
-        pieces = chunks.row_slices(xp, N, C)
-        # dw and db: one partial sum per block of rows, added up in block order below
-        dw_parts = xp.empty((len(pieces), C), dtype=cd) if need_w else None
-        db_parts = xp.empty((len(pieces), C), dtype=cd) if need_b else None
-
-        def piece(i):  # a cache-sized block of rows
-            sl = pieces[i]
-            n = sl.stop - sl.start
-            xh, t, gx = (a.reshape(n, C) for a in chunks.buffers(xp, 3, n * C, cd))  # (n, C) each
-            gs = g2[sl].astype(cd, copy=False)
-            xp.subtract(x2[sl], mean[sl], out=xh)
-            xh *= rstd[sl]
-            xp.multiply(gs, xh, out=gx)  # gy * xhat
-            if need_w:
-                sum_columns_of(gx, out=dw_parts[i])
-            if need_b:
-                sum_columns_of(gs, out=db_parts[i])
-            if need_x:
-                g = xp.multiply(gs, w, out=t) if w is not None else gs
-                if w is not None:
-                    gx *= w  # g * xhat
-                mean_g = sum_rows_of(g)[:, None]  # (n, 1)
-                mean_g *= inv_n
-                mean_gx = sum_rows_of(gx)[:, None]  # (n, 1)
-                mean_gx *= inv_n
-                xh *= mean_gx  # xhat * mean(g xhat)
-                d = dx[sl]
-                xp.subtract(g, xh, out=d)
-                d -= mean_g
-                d *= rstd[sl]
-
-        threads.run(len(pieces), piece)
-        dw = dw_parts.sum(axis=0) if need_w else None
-        db = db_parts.sum(axis=0) if need_b else None
-        grads = [dx.astype(x2.dtype, copy=False).reshape(gy.shape) if need_x else None]
+        dx, dw, db = _normalise_rows_backward(gy.reshape(self.x2.shape), self.x2, self.weight, self.mean, self.rstd,
+                                              self.needs_input_grad[0], need_w, need_b)  # (N, C) gradient in
+        grads = [dx.astype(self.x2.dtype, copy=False).reshape(gy.shape) if dx is not None else None]
         if self.has_weight:
             grads.append(dw.astype(self.param_dtypes[0], copy=False) if need_w else None)
         if self.has_bias:
@@ -169,7 +190,8 @@ class LayerNormFunction(Function):
 class RMSNormFunction(Function):
     """y = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps) over the last axis (size N); no centring.
 
-    Forward saves x (already held by the graph) and ``rstd`` (one number per row).
+    Forward saves x (already held by the graph) and ``rstd`` (one number per
+    row); both passes are LayerNorm's blocked ones without the mean terms.
 
     Backward. Let xhat = x * rstd and g = gy * w. d rstd / d x_i = -rstd^3 x_i / N, so
 
@@ -184,37 +206,20 @@ class RMSNormFunction(Function):
     def forward(self, x, *params):
         weight = params[0] if self.has_weight else None
         _check_inputs("rms_norm", x, weight, None)
-        xp = get_array_module(x)
         cd = _compute_dtype(x.dtype, *(p.dtype for p in params))
-        xc = x.astype(cd, copy=False)
-        rstd = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1)
-        rstd += cd.type(self.eps)
-        xp.sqrt(rstd, out=rstd)
-        xp.reciprocal(rstd, out=rstd)
-        y = xc * rstd  # fresh
-        if weight is not None:
-            y *= weight.astype(cd, copy=False)
-        self.x, self.rstd, self.weight = x, rstd, weight
-        return y.astype(x.dtype, copy=False)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, C)
+        y, _, self.rstd = _normalise_rows(x2, weight, None, self.eps, False, cd)
+        self.x2, self.weight = x2, weight
+        return y.astype(x.dtype, copy=False).reshape(x.shape)
 
     def backward(self, gy):
-        x, weight = self.x, self.weight
-        cd = self.rstd.dtype
-        g_out = gy.astype(cd, copy=False)
-        xhat = x.astype(cd, copy=False) * self.rstd  # fresh: (..., C)
-        gx = gw = None
-        if self.needs_input_grad[0]:
-            g = g_out * weight.astype(cd, copy=False) if weight is not None else g_out
-            dx = xhat * (g * xhat).mean(axis=-1, keepdims=True)  # fresh
-            xp = get_array_module(dx)
-            xp.subtract(g, dx, out=dx)
-            dx *= self.rstd
-            gx = dx.astype(x.dtype, copy=False)
-        if weight is None:
+        need_w = self.has_weight and self.needs_input_grad[1]
+        dx, dw, _ = _normalise_rows_backward(gy.reshape(self.x2.shape), self.x2, self.weight, None, self.rstd,
+                                             self.needs_input_grad[0], need_w, False)  # (N, C) gradient in
+        gx = dx.astype(self.x2.dtype, copy=False).reshape(gy.shape) if dx is not None else None
+        if self.weight is None:
             return gx
-        if self.needs_input_grad[1]:
-            gw = _sum_leading(g_out * xhat).astype(weight.dtype, copy=False)
-        return gx, gw
+        return gx, (dw.astype(self.weight.dtype, copy=False) if need_w else None)
 
 
 def _tensor_args(x, *params):
