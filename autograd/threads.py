@@ -194,27 +194,36 @@ MIN_ROWS_PER_PIECE = 32
 
 
 def _row_bounds(n_rows: int):
-    """``(start, stop)`` of one block of rows per thread (fewer when a block would be under MIN_ROWS_PER_PIECE)."""
+    """``(start, stop)`` of one block of rows (or columns) per thread (fewer when one would be under MIN_ROWS_PER_PIECE)."""
     parts = max(1, min(num_threads(), n_rows // MIN_ROWS_PER_PIECE))
     edges = [n_rows * i // parts for i in range(parts + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
 
 def matmul_pieces(a, b, out, bias=None):
-    """The pieces of ``out[...] = a @ b (+ bias)`` for 2-D NumPy arrays: one callable per block of rows.
+    """The pieces of ``out[...] = a @ b (+ bias)`` for 2-D NumPy arrays: one callable per block of the output.
 
-    Each block is one single-threaded BLAS call writing its rows of ``out``,
-    and a row of a matrix product does not depend on the others, so the bits
-    are those of one ``a @ b``. Transposed views (``x.T``, ``w.T``) go to BLAS
-    as they are, without a copy. Give the pieces of several products to one
-    ``run`` (``run_all``) to pay for waking the threads once.
+    The output is cut along its longer side: blocks of rows (of ``a``) or of
+    columns (of ``b``). Each block is one single-threaded BLAS call writing
+    its part of ``out``, and an entry of a matrix product does not depend on
+    the others, so the bits are those of one ``a @ b``. Transposed views
+    (``x.T``, ``w.T``) and column blocks go to BLAS as strided operands,
+    without a copy. (Cutting a weight gradient ``x.T @ g`` of shape (384, 1152)
+    by columns measured 6% faster than by rows.) Give the pieces of several
+    products to one ``run`` (``run_all``) to pay for waking the threads once.
     """
-    def rows(r0, r1):
-        np.matmul(a[r0:r1], b, out=out[r0:r1])
-        if bias is not None:
-            out[r0:r1] += bias
+    if a.shape[0] >= b.shape[1]:
+        def block(r0, r1):
+            np.matmul(a[r0:r1], b, out=out[r0:r1])
+            if bias is not None:
+                out[r0:r1] += bias
+    else:
+        def block(c0, c1):
+            np.matmul(a, b[:, c0:c1], out=out[:, c0:c1])
+            if bias is not None:
+                out[:, c0:c1] += bias[c0:c1]
 
-    return [lambda r0=r0, r1=r1: rows(r0, r1) for r0, r1 in _row_bounds(a.shape[0])]
+    return [lambda i0=i0, i1=i1: block(i0, i1) for i0, i1 in _row_bounds(max(a.shape[0], b.shape[1]))]
 
 
 def run_all(tasks) -> None:
@@ -223,12 +232,12 @@ def run_all(tasks) -> None:
 
 
 def matmul(a, b, bias=None):
-    """``a @ b`` (plus ``bias`` on every row) for 2-D ``a`` (M, K) and ``b`` (K, N), in blocks of rows on the threads.
+    """``a @ b`` (plus ``bias`` on every row) for 2-D ``a`` (M, K) and ``b`` (K, N), in blocks on the threads.
 
     CuPy arrays, other shapes and one thread take plain ``a @ b``.
     """
     if (not isinstance(a, np.ndarray) or num_threads() == 1 or a.ndim != 2 or b.ndim != 2
-            or a.shape[0] < 2 * MIN_ROWS_PER_PIECE):  # one block: no thread to wake
+            or max(a.shape[0], b.shape[1]) < 2 * MIN_ROWS_PER_PIECE):  # one block: no thread to wake
         out = a @ b
         if bias is not None:
             out += bias

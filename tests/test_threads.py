@@ -75,7 +75,7 @@ def test_blas_runs_single_threaded_beside_the_pool_and_gets_its_threads_back(res
     assert _blas_threads() == before
 
 
-@pytest.mark.parametrize("shape", [(7, 5, 3), (64, 33, 17), (300, 128, 384), (1000, 64, 10)])
+@pytest.mark.parametrize("shape", [(7, 5, 3), (64, 33, 17), (300, 128, 384), (1000, 64, 10), (40, 16, 300)])
 def test_matmul_in_row_blocks_equals_one_product_bitwise(restore_threads, shape):
     M, K, N = shape
     rng = np.random.default_rng(0)
