@@ -27,8 +27,9 @@ Two rules keep it simple and reproducible:
   whole product to BLAS and its own threads, whose sums can round differently.
 
 The pool size is ``set_num_threads(n)``, by default the cores this process
-may run on, or ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` when set (an
-MPI job that gives each rank one core sets them to 1). With one thread,
+may run on, divided among the MPI ranks on this machine (``mpirun`` unbound,
+``--oversubscribe``), and at most ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS``
+when they are set. With one thread,
 ``run`` is a plain loop. CuPy never comes here: a GPU kernel is parallel
 already.
 """
@@ -49,11 +50,15 @@ _num_threads = None
 
 
 def _default_num_threads() -> int:
-    """Cores this process may use, capped by OMP_NUM_THREADS / OPENBLAS_NUM_THREADS when they are set."""
+    """Cores this process may use, shared with the other MPI ranks on this machine, capped by OMP_NUM_THREADS /
+    OPENBLAS_NUM_THREADS when they are set."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         n = os.cpu_count() or 1
+    local_ranks = os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "").strip()  # set by Open MPI's mpirun
+    if local_ranks.isdigit() and int(local_ranks) > 1 and n > 1:
+        n = max(1, n // int(local_ranks))
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         value = os.environ.get(var, "").strip()
         if value.isdigit() and int(value) > 0:

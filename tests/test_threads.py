@@ -134,3 +134,17 @@ def test_ops_still_pass_gradcheck_on_several_threads(restore_threads):
 
     gradcheck(lambda x, w, b: layer_norm(x, w, b), x, w, b)
     gradcheck(lambda x: autograd.gelu(x, approximate="tanh"), x)
+
+
+def test_default_thread_count_follows_the_environment(monkeypatch):
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert threads._default_num_threads() == cores
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", str(2 * cores))  # more ranks than cores: one thread each
+    assert threads._default_num_threads() == 1
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads._default_num_threads() == 1
