@@ -25,12 +25,16 @@ class LinearFunction(Function):
     """y = x @ W + b for x of shape (..., in), W (in, out), b (out,), as one node.
 
     The leading axes are flattened so every product is one 2-D matrix product
-    (one BLAS call, and dW is never built per batch element and summed).
-    With X = x flattened to (N, in) and G = dL/dy flattened to (N, out):
+    (dW is never built per batch element and summed). With X = x flattened to
+    (N, in) and G = dL/dy flattened to (N, out):
 
         dL/dx = G @ W^T            (N, in), reshaped back to x's shape
         dL/dW = X^T @ G            (in, out): sum over rows of outer products x_n g_n^T
         dL/db = sum_n G[n]         (out,): b is added to every row
+
+    On the CPU each product is cut into blocks of its output for the worker
+    threads (``autograd.threads.matmul_pieces``), and backward hands the blocks
+    of dx and dW and the bias sum to the threads in one round.
     """
 
     def forward(self, x, w, b=None):
@@ -50,7 +54,7 @@ class LinearFunction(Function):
         g2 = gy.reshape(-1, w.shape[1])  # (N, out)
         need_x, need_w = self.needs_input_grad[:2]
         need_b = self.has_bias and self.needs_input_grad[2]
-        if isinstance(g2, np.ndarray):  # CPU: the bias sum and both products' row blocks in one round of the threads
+        if isinstance(g2, np.ndarray):  # CPU: the bias sum and both products' blocks in one round of the threads
             gx = np.empty((g2.shape[0], w.shape[0]), dtype=np.result_type(g2, w)) if need_x else None  # (N, in)
             gw = np.empty(w.shape, dtype=np.result_type(x2, g2)) if need_w else None  # (in, out)
             gb = np.empty(w.shape[1], dtype=g2.dtype) if need_b else None  # (out,)
