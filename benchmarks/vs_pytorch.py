@@ -104,13 +104,12 @@ def build_ours(name, seed=0):
     model = GPT(config, generator=np.random.default_rng(seed))
     opt = AdamW(param_groups_for_gpt(model, HYPER["weight_decay"]), lr=HYPER["lr"], betas=HYPER["betas"],
                 eps=HYPER["eps"])
-    data = np.random.default_rng(seed + 1).integers(0, VOCAB, size=(batch, config.block_size + 1))
-    ids, targets = data[:, :-1], data[:, 1:]  # (B, T) each
-    return model, opt, np.ascontiguousarray(ids), np.ascontiguousarray(targets)
+    ids, targets = batch_for(name, seed)
+    return model, opt, ids, targets
 
 
-def ours_step(model, opt, ids, targets):
-    """One training step; returns the loss as a float."""
+def train_step(model, opt, ids, targets):
+    """One training step of either framework (same calls on both); returns the loss as a float."""
     _, loss = model(ids, targets)
     loss.backward()
     opt.step()
@@ -189,7 +188,7 @@ def build_torch(name, ours_model=None, seed=0):
     from llm.model import get_preset
 
     torch.set_num_threads(_num_threads())
-    _, _, ids, targets = build_ours_batch(name, seed)
+    ids, targets = batch_for(name, seed)
     c = get_preset(CONFIGS[name][0], vocab_size=VOCAB)
     model = torch_gpt_class()(c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd)
     theirs = dict(model.named_parameters())
@@ -211,22 +210,14 @@ def build_torch(name, ours_model=None, seed=0):
     return model, opt, torch.from_numpy(ids), torch.from_numpy(targets)
 
 
-def build_ours_batch(name, seed=0):
-    """Just the batch of ``build_ours`` (same seed, same ids)."""
+def batch_for(name, seed=0):
+    """The fixed batch ``(ids, targets)`` of config ``name``, each ``(B, T)``, the same for both frameworks."""
     from llm.model import get_preset
 
     preset, batch = CONFIGS[name]
     T = get_preset(preset).block_size
-    data = np.random.default_rng(seed + 1).integers(0, VOCAB, size=(batch, T + 1))
-    return None, None, np.ascontiguousarray(data[:, :-1]), np.ascontiguousarray(data[:, 1:])
-
-
-def torch_step(model, opt, ids, targets):
-    _, loss = model(ids, targets)
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    return float(loss.item())
+    data = np.random.default_rng(seed + 1).integers(0, VOCAB, size=(batch, T + 1))  # (B, T + 1)
+    return np.ascontiguousarray(data[:, :-1]), np.ascontiguousarray(data[:, 1:])
 
 
 # ---------------------------------------------------------------------------
@@ -300,17 +291,17 @@ def time_config(name, repeats, steps):
     print(f"{name}: loss ours {la:.6f} torch {lb:.6f} (rel diff {abs(la - lb) / abs(lb):.1e}); "
           f"worst gradient rel diff {gerr:.1e}", flush=True)
     for _ in range(2):  # warm up (optimizer state, allocator, BLAS threads)
-        ours_step(*ours)
-        torch_step(*theirs)
+        train_step(*ours)
+        train_step(*theirs)
     t_ours, t_torch = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
-            ours_step(*ours)
+            train_step(*ours)
         t_ours.append((time.perf_counter() - t0) / steps)
         t0 = time.perf_counter()
         for _ in range(steps):
-            torch_step(*theirs)
+            train_step(*theirs)
         t_torch.append((time.perf_counter() - t0) / steps)
     tokens = ours[2].size
     return dict(tokens=tokens, ours=statistics.median(t_ours), torch=statistics.median(t_torch),
@@ -350,15 +341,10 @@ def _rss_mb():
 
 def worker(framework, name, steps):
     """Run in a subprocess: resident set after building the model and optimizer, and the peak over ``steps``."""
-    if framework == "ours":
-        parts = build_ours(name)
-        step = ours_step
-    else:
-        parts = build_torch(name)
-        step = torch_step
+    parts = build_ours(name) if framework == "ours" else build_torch(name)
     base = _rss_mb()
     for _ in range(steps):
-        step(*parts)
+        train_step(*parts)
     peak = _maxrss_mb()
     print(json.dumps({"base_mb": base, "peak_mb": peak, "step_mb": peak - base}))
 
@@ -412,8 +398,8 @@ def main(argv=None):
         rows.append((name, r))
 
     print()
-    print(f"| config | tokens/step | ours tok/s | torch tok/s | ratio ours/torch | ours MFU | torch MFU |")
-    print(f"|--------|------------:|-----------:|------------:|-----------------:|---------:|----------:|")
+    print("| config | tokens/step | ours tok/s | torch tok/s | ratio ours/torch | ours MFU | torch MFU |")
+    print("|--------|------------:|-----------:|------------:|-----------------:|---------:|----------:|")
     for name, r in rows:
         to, tt = r["tokens"] / r["ours"], r["tokens"] / r["torch"]
         mo, mt = r["flops"] / r["ours"] / 1e9 / peak, r["flops"] / r["torch"] / 1e9 / peak
