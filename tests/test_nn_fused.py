@@ -106,36 +106,34 @@ def test_rms_norm_gradcheck(xp, rng, has_w):
     assert gradcheck(lambda x: rms_norm(x.T, None), xt)  # (5, 8): a non-contiguous view
 
 
+def _norm_pair(op, has_w, has_b):
+    """``(fused, ref)``: the fused norm and its composition from primitives, taking ``(x, *params)``."""
+    def args(p):
+        return p[0] if has_w else None, p[1] if has_b else None
+
+    if op == "layer_norm":
+        return (lambda x, *p: layer_norm(x, *args(p), eps=1e-5)), (lambda x, *p: layer_norm_ref(x, *args(p), eps=1e-5))
+    return (lambda x, *p: rms_norm(x, args(p)[0], eps=1e-6)), (lambda x, *p: rms_norm_ref(x, args(p)[0], eps=1e-6))
+
+
 @pytest.mark.parametrize("has_w,has_b", AFFINE)
 def test_layer_norm_matches_composition(xp, rng, has_w, has_b):
     arrays = [3 + 2 * rng.standard_normal((2, 5, 8))]
     arrays += [rng.standard_normal(8) for ok in (has_w, has_b) if ok]
-
-    def fused(x, *p):
-        return layer_norm(x, p[0] if has_w else None, p[1] if has_b else None, eps=1e-5)
-
-    def ref(x, *p):
-        return layer_norm_ref(x, p[0] if has_w else None, p[1] if has_b else None, eps=1e-5)
-
-    compare_with_reference(xp, rng, fused, ref, arrays)
+    compare_with_reference(xp, rng, *_norm_pair("layer_norm", has_w, has_b), arrays)
 
 
-@pytest.mark.parametrize("has_w,has_b", AFFINE)
-def test_layer_norm_in_pieces_matches_composition(xp, rng, monkeypatch, has_w, has_b):
-    """Backward in blocks of 2 rows (pieces of 16 elements, rows of 8), a ragged last block and a
+@pytest.mark.parametrize("op,has_w,has_b", [("layer_norm", w, b) for w, b in AFFINE] +
+                         [("rms_norm", True, False), ("rms_norm", False, False)])
+def test_norm_in_pieces_matches_composition(xp, rng, monkeypatch, op, has_w, has_b):
+    """Both passes in blocks of 2 rows (pieces of 16 elements, rows of 8), a ragged last block and a
     non-contiguous input: the same values and gradients as the composition, and gradcheck passes."""
     from autograd.ops import chunks
 
     monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 16)
     arrays = [(3 + 2 * rng.standard_normal((8, 3, 13))).swapaxes(0, 2)]  # (13, 3, 8): 39 rows, strided
     arrays += [rng.standard_normal(8) for ok in (has_w, has_b) if ok]
-
-    def fused(x, *p):
-        return layer_norm(x, p[0] if has_w else None, p[1] if has_b else None, eps=1e-5)
-
-    def ref(x, *p):
-        return layer_norm_ref(x, p[0] if has_w else None, p[1] if has_b else None, eps=1e-5)
-
+    fused, ref = _norm_pair(op, has_w, has_b)
     compare_with_reference(xp, rng, fused, ref, arrays)
     assert gradcheck(fused, *(leaf(xp, a) for a in arrays))
 
@@ -143,8 +141,7 @@ def test_layer_norm_in_pieces_matches_composition(xp, rng, monkeypatch, has_w, h
 @pytest.mark.parametrize("has_w", [True, False])
 def test_rms_norm_matches_composition(xp, rng, has_w):
     arrays = [rng.standard_normal((2, 5, 8))] + ([rng.standard_normal(8)] if has_w else [])
-    compare_with_reference(xp, rng, lambda x, *p: rms_norm(x, p[0] if p else None, eps=1e-6),
-                           lambda x, *p: rms_norm_ref(x, p[0] if p else None, eps=1e-6), arrays)
+    compare_with_reference(xp, rng, *_norm_pair("rms_norm", has_w, False), arrays)
 
 
 def test_layer_norm_normalises(xp, rng):
