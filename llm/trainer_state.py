@@ -129,10 +129,10 @@ def measure_matmul_flops(device: str = "cpu", n: int = 512, seconds: float = 0.5
     rng = np.random.default_rng(0)
     a = backend.to_device(rng.standard_normal((n, n), dtype=np.float32), device)
     b = backend.to_device(rng.standard_normal((n, n), dtype=np.float32), device)
-    out = xp.empty((n, n), dtype=np.float32)
+    out = None if xp is np else xp.empty((n, n), dtype=np.float32)
 
     def product():
-        if xp is np:
+        if out is None:
             threads.matmul(a, b)
         else:
             xp.matmul(a, b, out=out)

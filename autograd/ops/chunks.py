@@ -31,8 +31,6 @@ from .. import threads
 
 #: elements per piece on the CPU (float32: 1 MiB)
 CHUNK_ELEMENTS = 1 << 18
-
-
 #: an array of more than one piece is cut into a multiple of this many, so 2 or 4 threads share it evenly
 PIECES_MULTIPLE = 4
 
