@@ -2,8 +2,8 @@
 
 Both normalise over the last axis. Following llm.c, forward saves only the
 per-row statistics (``mean`` and ``rstd`` for LayerNorm, ``rstd`` for RMSNorm,
-shape ``(..., 1)``) besides the input it already holds; backward rebuilds
-``xhat`` from them instead of keeping a second activation-sized array.
+shape ``(..., 1)``) besides the input it already holds; backward works from
+x, mean and rstd instead of keeping a second activation-sized array.
 
 Precision: float16 inputs (mixed precision) are normalised in float32 (a float16
 sum of squares over thousands of channels loses digits) and the result is
@@ -89,7 +89,17 @@ def _normalise_rows(x2, weight, bias, eps: float, center: bool, cd):
 def _normalise_rows_backward(g2, x2, weight, mean, rstd, need_x: bool, need_w: bool, need_b: bool):
     """Backward of ``_normalise_rows``: ``(dx, dw, db)`` (each None where not needed), dx in rstd's dtype.
 
-    Rebuilds xhat block by block from ``mean`` (None: no centring) and ``rstd``;
+    Works from the centred input xc = x - mean (x itself without centring)
+    rather than xhat = xc * rstd, which saves a pass over the block: every sum
+    that needs xhat takes rstd as weights in a BLAS product instead. With
+    g = gy * w (see LayerNormFunction for the derivation):
+
+        dw  = sum_rows(gy * xhat)        = (gy * xc)^T @ rstd
+        s1  = sum_j(g_j xc_j)            = (gy * xc) @ w
+        s2  = sum_j(g_j)                 = gy @ w
+        dx  = rstd * (g - xhat * mean(g xhat) - mean(g))
+            = rstd * g - (rstd^3 s1 / C) * xc - rstd s2 / C
+
     dw and db are summed per block, then over the blocks in order, so the bits
     do not depend on the number of threads.
     """
@@ -106,32 +116,34 @@ def _normalise_rows_backward(g2, x2, weight, mean, rstd, need_x: bool, need_w: b
     def piece(i):  # a cache-sized block of rows
         sl = pieces[i]
         n = sl.stop - sl.start
-        xh, t, gx = (a.reshape(n, C) for a in chunks.buffers(xp, 3, n * C, cd))  # (n, C) each
-        gs = g2[sl].astype(cd, copy=False)
+        xc, gx = (a.reshape(n, C) for a in chunks.buffers(xp, 2, n * C, cd))  # (n, C) each
+        gs, xs, r = g2[sl].astype(cd, copy=False), x2[sl].astype(cd, copy=False), rstd[sl]
         if mean is not None:
-            xp.subtract(x2[sl], mean[sl], out=xh)
+            xp.subtract(xs, mean[sl], out=xc)
         else:
-            xh[...] = x2[sl]
-        xh *= rstd[sl]
-        xp.multiply(gs, xh, out=gx)  # gy * xhat
+            xc = xs  # read only below
+        xp.multiply(gs, xc, out=gx)  # gy * xc
         if need_w:
-            sum_columns_of(gx, out=dw_parts[i])
+            xp.matmul(r[:, 0], gx, out=dw_parts[i])  # (C,): rows weighted by rstd, i.e. sum_rows(gy * xhat)
         if need_b:
             sum_columns_of(gs, out=db_parts[i])
-        if need_x:
-            g = xp.multiply(gs, w, out=t) if w is not None else gs
-            if w is not None:
-                gx *= w  # g * xhat
-            mean_gx = sum_rows_of(gx)[:, None]  # (n, 1)
-            mean_gx *= inv_n
-            xh *= mean_gx  # xhat * mean(g xhat)
-            d = dx[sl]
-            xp.subtract(g, xh, out=d)
-            if mean is not None:
-                mean_g = sum_rows_of(g)[:, None]  # (n, 1)
-                mean_g *= inv_n
-                d -= mean_g
-            d *= rstd[sl]
+        if not need_x:
+            return
+        s1 = gx @ w if w is not None else sum_rows_of(gx)  # (n,)
+        s2 = gs @ w if w is not None else sum_rows_of(gs)  # (n,)
+        a = (s1[:, None] * r) * r * r * inv_n  # (n, 1): rstd^3 s1 / C, the factor of xc
+        d = dx[sl]
+        if w is not None:
+            xp.multiply(gs, w, out=gx)  # g = gy * w (gy * xc is no longer needed)
+            xp.multiply(gx, r, out=d)
+        else:
+            xp.multiply(gs, r, out=d)  # rstd * g
+        if mean is not None:
+            xc *= a
+            d -= xc
+            d -= (s2[:, None] * r) * inv_n  # rstd * mean(g)
+        else:
+            d -= xp.multiply(xs, a, out=gx)
 
     threads.run(len(pieces), piece)
     dw = dw_parts.sum(axis=0) if need_w else None
@@ -143,12 +155,12 @@ class LayerNormFunction(Function):
     """y = xhat * w + b with xhat = (x - mean) * rstd, rstd = 1 / sqrt(var + eps), over the last axis (size N).
 
     Forward saves x (already held by the graph), ``mean`` and ``rstd`` (one
-    number per row), as llm.c does; backward recomputes xhat from them. Both
-    run in cache-sized blocks of rows (``chunks``) spread over the CPU
-    threads, with small per-thread buffers (``_normalise_rows``, shared with
-    RMSNorm); dw and db are summed per block, then over the blocks in order.
-    Row and column sums are BLAS products with a vector of ones
-    (``sum_rows_of``, ``sum_columns_of``).
+    number per row), as llm.c does; backward works from x - mean and rstd
+    without rebuilding xhat (``_normalise_rows_backward`` has the rearranged
+    formula). Both run in cache-sized blocks of rows (``chunks``) spread over
+    the CPU threads, with small per-thread buffers (shared with RMSNorm); dw
+    and db are summed per block, then over the blocks in order. Row and column
+    sums are BLAS products with a vector (of ones, of w, or of rstd).
 
     Backward. Let g = gy * w (g = gy without a weight). Along one row,
     d xhat_j / d x_i = rstd * (delta_ij - 1/N - xhat_i xhat_j / N)
