@@ -171,7 +171,7 @@ def torch_gpt_class():
 
         def forward(self, ids, targets):
             T = ids.shape[1]
-            x = self.wte(ids) + self.wpe(torch.arange(T))
+            x = self.wte(ids) + self.wpe(torch.arange(T, device=ids.device))
             for block in self.h:
                 x = block(x)
             logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head (B, T, V)
@@ -191,23 +191,37 @@ def build_torch(name, ours_model=None, seed=0):
     ids, targets = batch_for(name, seed)
     c = get_preset(CONFIGS[name][0], vocab_size=VOCAB)
     model = torch_gpt_class()(c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd)
-    theirs = dict(model.named_parameters())
     if ours_model is not None:
-        ours = dict(ours_model.named_parameters())
-        if set(ours) != set(theirs):
-            raise RuntimeError(f"parameter names differ: {sorted(set(ours) ^ set(theirs))}")
-        with torch.no_grad():
-            for n, p in theirs.items():
-                w = ours[n].data
-                if w.ndim == 2 and not n.startswith(("wte", "wpe")):
-                    w = w.T  # our Linear is (in, out), torch's (out, in)
-                p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+        copy_weights(ours_model, model)
+    return model, torch_adamw(model), torch.from_numpy(ids), torch.from_numpy(targets)
+
+
+def copy_weights(ours_model, torch_model):
+    """Copy our GPT's (CPU, float32) weights into the PyTorch twin; Linear weights are transposed on the way."""
+    import torch
+
+    ours = dict(ours_model.named_parameters())
+    theirs = dict(torch_model.named_parameters())
+    if set(ours) != set(theirs):
+        raise RuntimeError(f"parameter names differ: {sorted(set(ours) ^ set(theirs))}")
+    with torch.no_grad():
+        for n, p in theirs.items():
+            w = ours[n].data
+            if w.ndim == 2 and not n.startswith(("wte", "wpe")):
+                w = w.T  # our Linear is (in, out), torch's (out, in)
+            p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+
+
+def torch_adamw(torch_model):
+    """``torch.optim.AdamW`` over GPT-2's groups (matrices decay; biases, norms, embeddings do not), HYPER's settings."""
+    import torch
+
+    theirs = dict(torch_model.named_parameters())
     decay = [p for n, p in theirs.items() if p.ndim >= 2 and not n.startswith(("wte", "wpe"))]
     rest = [p for n, p in theirs.items() if not (p.ndim >= 2 and not n.startswith(("wte", "wpe")))]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": HYPER["weight_decay"]},
-                             {"params": rest, "weight_decay": 0.0}],
-                            lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"])
-    return model, opt, torch.from_numpy(ids), torch.from_numpy(targets)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": HYPER["weight_decay"]},
+                              {"params": rest, "weight_decay": 0.0}],
+                             lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"])
 
 
 def batch_for(name, seed=0):
