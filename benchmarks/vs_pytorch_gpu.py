@@ -38,9 +38,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vs_pytorch import HYPER, ROOT, copy_weights, have_torch, step_flops, torch_adamw, torch_gpt_class  # noqa: E402
-
-sys.path.insert(0, ROOT)
+# (importing vs_pytorch also puts the project root on sys.path)
+from vs_pytorch import HYPER, copy_weights, have_torch, step_flops, torch_adamw, torch_gpt_class  # noqa: E402
 
 
 def _missing(device):

@@ -121,7 +121,7 @@ def _normalise_rows_backward(g2, x2, weight, mean, rstd, need_x: bool, need_w: b
         if mean is not None:
             xp.subtract(xs, mean[sl], out=xc)
         else:
-            xc = xs  # read only below
+            xc = xs  # read only
         xp.multiply(gs, xc, out=gx)  # gy * xc
         if need_w:
             xp.matmul(r[:, 0], gx, out=dw_parts[i])  # (C,): rows weighted by rstd, i.e. sum_rows(gy * xhat)
@@ -130,20 +130,17 @@ def _normalise_rows_backward(g2, x2, weight, mean, rstd, need_x: bool, need_w: b
         if not need_x:
             return
         s1 = gx @ w if w is not None else sum_rows_of(gx)  # (n,)
-        s2 = gs @ w if w is not None else sum_rows_of(gs)  # (n,)
         a = (s1[:, None] * r) * r * r * inv_n  # (n, 1): rstd^3 s1 / C, the factor of xc
         d = dx[sl]
         if w is not None:
-            xp.multiply(gs, w, out=gx)  # g = gy * w (gy * xc is no longer needed)
+            xp.multiply(gs, w, out=gx)  # g = gy * w (gx is scratch from here on)
             xp.multiply(gx, r, out=d)
         else:
             xp.multiply(gs, r, out=d)  # rstd * g
+        d -= xp.multiply(xc, a, out=gx)
         if mean is not None:
-            xc *= a
-            d -= xc
+            s2 = gs @ w if w is not None else sum_rows_of(gs)  # (n,)
             d -= (s2[:, None] * r) * inv_n  # rstd * mean(g)
-        else:
-            d -= xp.multiply(xs, a, out=gx)
 
     threads.run(len(pieces), piece)
     dw = dw_parts.sum(axis=0) if need_w else None
