@@ -1,4 +1,4 @@
-"""Worker threads for the CPU: heavy ops split their work into pieces and run them on every core.
+"""Worker threads for the CPU: the pieces of a fused op (``autograd.kernels``) run on every core.
 
 NumPy releases the GIL inside its loops and BLAS calls, so ordinary Python
 threads can run NumPy code in parallel. Element-wise NumPy is otherwise
@@ -8,34 +8,31 @@ GELU, LayerNorm, softmax and AdamW, which PyTorch runs on all cores.
 ``run(n_pieces, work)`` calls ``work(i)`` for every piece, on the calling
 thread and ``num_threads() - 1`` workers. Pieces are claimed one at a time
 from a shared counter, so a worker that wakes late simply takes fewer pieces.
+Which thread runs a piece never changes what it computes: how the work is cut
+is decided by ``autograd.kernels`` from the shapes alone, so a step gives the
+same bits on 1, 2 or 8 threads (tested on a whole GPT training step, under
+several OpenBLAS kernels).
 
-Two rules keep it simple and reproducible:
-
-- **BLAS runs single-threaded while the pool exists.** Two levels of threads
-  fight: after a threaded BLAS call OpenBLAS's idle workers spin on the other
-  cores for about a tenth of a second, and a thread of ours there gets
-  nothing done. So the ops split their matrix products into pieces too (blocks
-  of the output, ``matmul_pieces``), each one a single-threaded BLAS call. Like
-  ``torch.set_num_threads``, this takes over the process's BLAS threads:
-  ``set_num_threads(1)`` closes the pool and gives BLAS its threads back.
-- **Results never depend on which thread ran a piece.** Every piece writes its
-  own part of the output, and a sum over pieces goes through a per-piece array
-  added up in piece order afterwards; how an op cuts its work into pieces
-  depends on the shapes alone, or (matrix products, attention heads) cuts
-  along rows or columns that are computed independently. So two threads or eight give
-  the same bits (tested on a whole GPT training step). One thread hands each
-  whole product to BLAS and its own threads, whose sums can round differently.
+**BLAS runs single-threaded.** Two levels of threads fight: after a threaded
+BLAS call OpenBLAS's idle workers spin on the other cores for about a tenth of
+a second, and a thread of ours there gets nothing done; and a BLAS that splits
+one product over its own threads may round differently with another thread
+count. So importing autograd sets the BLAS libraries NumPy loaded to one
+thread (``claim_blas``, through threadpoolctl), for good: the kernels cut
+their products into blocks themselves, each one single-threaded BLAS call.
+Like ``torch.set_num_threads``, autograd takes over the process's CPU threads.
 
 The pool size is ``set_num_threads(n)``, by default the cores this process
 may run on, divided among the MPI ranks on this machine (``mpirun`` unbound,
-``--oversubscribe``), and at most ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS``
-when they are set. With one thread, ``run`` is a plain loop. CuPy never comes
-here: a GPU kernel is parallel already.
+``--oversubscribe``), and at most ``OMP_NUM_THREADS`` when it is set (the one
+variable to set: it caps this pool, and NumPy's BLAS reads it too). With one
+thread, ``run`` is a plain loop over the same pieces. CuPy never comes here: a
+GPU kernel is parallel already.
 
 What it costs: handing a piece to a sleeping worker takes 17-35 µs (about
 100 µs when the core has idled for 10 ms), and two threads trade the GIL at
-every NumPy call, so pieces of less than ~50 µs of work gain nothing. The ops
-keep small arrays in one piece (``chunks``) and small products in one block.
+every NumPy call, so pieces of less than ~50 µs of work gain nothing. The
+kernels keep small arrays in one piece and small products in one block.
 """
 
 from __future__ import annotations
@@ -54,8 +51,8 @@ _num_threads = None
 
 
 def _default_num_threads() -> int:
-    """Cores this process may use, shared with the other MPI ranks on this machine, capped by OMP_NUM_THREADS /
-    OPENBLAS_NUM_THREADS when they are set."""
+    """Cores this process may use, shared with the other MPI ranks on this machine, capped by OMP_NUM_THREADS
+    (or OPENBLAS_NUM_THREADS) when it is set."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -79,7 +76,10 @@ def num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads (the caller included) for the CPU ops from now on; 1 runs everything on the caller."""
+    """Use ``n`` threads (the caller included) for the CPU ops from now on; 1 runs every piece on the caller.
+
+    The results are the same bits whatever ``n`` is (see the module doc).
+    """
     global _num_threads, _pool
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads needs a positive whole number of threads, got {n!r}")
@@ -130,9 +130,6 @@ class _Pool:
         self.size = size
         self.jobs = [queue.SimpleQueue() for _ in range(size - 1)]  # one inbox per worker; None closes it
         self.busy = threading.Lock()  # one job at a time; a second caller runs its pieces itself
-        self.blas = [(c, c.get_num_threads()) for c in _blas_controllers()]  # to restore in close()
-        for c, _ in self.blas:
-            c.set_num_threads(1)
         self.threads = [threading.Thread(target=self._serve, args=(inbox,), name=f"autograd-worker-{i}", daemon=True)
                         for i, inbox in enumerate(self.jobs)]
         for t in self.threads:
@@ -158,15 +155,21 @@ class _Pool:
     def close(self):
         for inbox in self.jobs:
             inbox.put(None)
-        for c, n in self.blas:
-            c.set_num_threads(n)
 
 
-def _blas_controllers():
-    """threadpoolctl's handles on the BLAS libraries NumPy loaded (to run them single-threaded beside the pool)."""
+_blas_claimed = False
+
+
+def claim_blas() -> None:
+    """Set the BLAS libraries NumPy loaded to one thread (once per process; see the module doc)."""
+    global _blas_claimed
+    if _blas_claimed:
+        return
     from threadpoolctl import ThreadpoolController
 
-    return ThreadpoolController().select(user_api="blas").lib_controllers
+    for controller in ThreadpoolController().select(user_api="blas").lib_controllers:
+        controller.set_num_threads(1)
+    _blas_claimed = True
 
 
 def run(n_pieces: int, work) -> None:
@@ -198,66 +201,8 @@ def run(n_pieces: int, work) -> None:
         pool.busy.release()
 
 
-#: fewest rows of a matrix product worth a piece of its own
-MIN_ROWS_PER_PIECE = 32
-
-
-def _row_bounds(n_rows: int):
-    """``(start, stop)`` of one block of rows (or columns) per thread (fewer when one would be under MIN_ROWS_PER_PIECE)."""
-    parts = max(1, min(num_threads(), n_rows // MIN_ROWS_PER_PIECE))
-    edges = [n_rows * i // parts for i in range(parts + 1)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-def matmul_pieces(a, b, out, bias=None):
-    """The pieces of ``out[...] = a @ b (+ bias)`` for 2-D NumPy arrays: one callable per block of the output.
-
-    The output is cut along its longer side: blocks of rows (of ``a``) or of
-    columns (of ``b``). Each block is one single-threaded BLAS call writing
-    its part of ``out``, and an entry of a matrix product does not depend on
-    the others, so the bits are those of one ``a @ b``. Transposed views
-    (``x.T``, ``w.T``) and column blocks go to BLAS as strided operands,
-    without a copy. (Cutting a weight gradient ``x.T @ g`` of shape (384, 1152)
-    by columns measured 6% faster than by rows.) Give the pieces of several
-    products to one ``run`` (``run_all``) to pay for waking the threads once.
-    """
-    if a.shape[0] >= b.shape[1]:
-        def block(r0, r1):
-            np.matmul(a[r0:r1], b, out=out[r0:r1])
-            if bias is not None:
-                out[r0:r1] += bias
-    else:
-        def block(c0, c1):
-            np.matmul(a, b[:, c0:c1], out=out[:, c0:c1])
-            if bias is not None:
-                out[:, c0:c1] += bias[c0:c1]
-
-    return [lambda i0=i0, i1=i1: block(i0, i1) for i0, i1 in _row_bounds(max(a.shape[0], b.shape[1]))]
-
-
-def run_all(tasks) -> None:
-    """Run argument-less callables (pieces of one or several ops) spread over the threads: ``run`` over a list."""
-    run(len(tasks), lambda i: tasks[i]())
-
-
-def matmul(a, b, bias=None):
-    """``a @ b`` (plus ``bias`` on every row) for 2-D ``a`` (M, K) and ``b`` (K, N), in blocks on the threads.
-
-    CuPy arrays, other shapes and one thread take plain ``a @ b``.
-    """
-    if (not isinstance(a, np.ndarray) or num_threads() == 1 or a.ndim != 2 or b.ndim != 2
-            or max(a.shape[0], b.shape[1]) < 2 * MIN_ROWS_PER_PIECE):  # one block: no thread to wake
-        out = a @ b
-        if bias is not None:
-            out += bias
-        return out
-    out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a.dtype, b.dtype))
-    run_all(matmul_pieces(a, b, out, bias))
-    return out
-
-
 def _forget_pool_in_child():
-    """A forked child has none of the parent's threads: start a fresh pool there when needed."""
+    """A forked child has none of the parent's threads: start a fresh pool there when needed (BLAS stays claimed)."""
     global _pool, _lock
     _pool, _lock = None, threading.Lock()
 
@@ -265,5 +210,7 @@ def _forget_pool_in_child():
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_in_child)
 
+claim_blas()  # before any op runs: every BLAS call of a run sees the same single thread
 
-__all__ = ["num_threads", "set_num_threads", "run", "run_all", "matmul", "matmul_pieces"]
+
+__all__ = ["num_threads", "set_num_threads", "run", "claim_blas"]

@@ -38,7 +38,7 @@ import numpy as np
 
 import autograd
 import nn
-from autograd import backend, threads
+from autograd import backend, kernels
 from autograd.engine import Function
 from autograd.tensor import Tensor
 
@@ -186,16 +186,16 @@ class TiedHead(Function):
         self.lead = x.shape[:-1]
         self.x2 = x.reshape(-1, w.shape[1])  # (N, C)
         self.w = w
-        return threads.matmul(self.x2, w.T).reshape(*self.lead, w.shape[0])  # (N, V) -> (..., V)
+        return kernels.matmul(self.x2, w.T).reshape(*self.lead, w.shape[0])  # (N, V) -> (..., V)
 
     def backward(self, gy):
         w = self.w
         g2 = gy.reshape(-1, w.shape[0])  # (N, V)
         gx = gw = None
         if self.needs_input_grad[0]:
-            gx = threads.matmul(g2, w).reshape(*self.lead, w.shape[1])  # (N, C) -> (..., C)
+            gx = kernels.matmul(g2, w).reshape(*self.lead, w.shape[1])  # (N, C) -> (..., C)
         if self.needs_input_grad[1]:
-            gw = threads.matmul(g2.T, self.x2)  # (V, C)
+            gw = kernels.matmul(g2.T, self.x2)  # (V, C)
         return gx, gw
 
 

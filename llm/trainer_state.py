@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 import autograd.random as agrandom
-from autograd import backend, threads
+from autograd import backend, kernels
 from nn.amp import NonFiniteError  # the loss, the gradient norm or the weights stopped being finite
 
 from .checkpoint import (FORMAT, CheckpointError, config_from_metadata, load_checkpoint, model_state_from_tensors,
@@ -133,7 +133,7 @@ def measure_matmul_flops(device: str = "cpu", n: int = 512, seconds: float = 0.5
 
     def product():
         if out is None:
-            threads.matmul(a, b)
+            kernels.matmul(a, b)
         else:
             xp.matmul(a, b, out=out)
 

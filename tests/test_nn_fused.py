@@ -128,9 +128,9 @@ def test_layer_norm_matches_composition(xp, rng, has_w, has_b):
 def test_norm_in_pieces_matches_composition(xp, rng, monkeypatch, op, has_w, has_b):
     """Both passes in blocks of 2 rows (pieces of 16 elements, rows of 8), a ragged last block and a
     non-contiguous input: the same values and gradients as the composition, and gradcheck passes."""
-    from autograd.ops import chunks
+    from autograd import kernels
 
-    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 16)
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 16)
     arrays = [(3 + 2 * rng.standard_normal((8, 3, 13))).swapaxes(0, 2)]  # (13, 3, 8): 39 rows, strided
     arrays += [rng.standard_normal(8) for ok in (has_w, has_b) if ok]
     fused, ref = _norm_pair(op, has_w, has_b)

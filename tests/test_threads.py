@@ -1,12 +1,13 @@
-"""The CPU worker threads (autograd/threads.py): every piece runs once, errors come back, and results do not
-depend on the number of threads, down to the bit, from a single op up to a whole GPT training step."""
+"""The CPU worker threads (autograd/threads.py) and the kernel API's cuts (autograd/kernels.py): every piece runs
+once, errors come back, and results do not depend on the number of threads, down to the bit, from a single product up
+to a whole GPT training step, on this machine's BLAS kernels and on others (OPENBLAS_CORETYPE)."""
 
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
 import autograd
-from autograd import threads
+from autograd import kernels, threads
 from autograd.gradcheck import gradcheck
 
 
@@ -65,31 +66,59 @@ def test_set_num_threads_rejects_nonsense():
             threads.set_num_threads(bad)
 
 
-def test_blas_runs_single_threaded_beside_the_pool_and_gets_its_threads_back(restore_threads):
-    threads.set_num_threads(1)
-    before = _blas_threads()
-    threads.set_num_threads(2)
-    threads.run(2, lambda i: None)  # starts the pool
-    assert all(n == 1 for n in _blas_threads())
-    threads.set_num_threads(1)
-    assert _blas_threads() == before
+def test_blas_runs_single_threaded_whatever_the_thread_count(restore_threads):
+    # autograd claims BLAS at import: a BLAS that splits one product over its own threads could round
+    # differently with another thread count, and its spinning workers would slow ours
+    for n in (1, 2, 3):
+        threads.set_num_threads(n)
+        threads.run(2, lambda i: None)
+        assert all(k == 1 for k in _blas_threads()), _blas_threads()
 
 
-@pytest.mark.parametrize("shape", [(7, 5, 3), (64, 33, 17), (300, 128, 384), (1000, 64, 10), (40, 16, 300)])
-def test_matmul_in_row_blocks_equals_one_product_bitwise(restore_threads, shape):
+SHAPES = [(7, 5, 3), (64, 33, 17), (300, 128, 384), (1000, 64, 10), (40, 16, 300), (1024, 128, 2048)]
+
+
+def test_product_blocks_depend_on_the_shape_alone(restore_threads):
+    for shape in SHAPES:
+        cuts = set()
+        for n in (1, 2, 3, 8):
+            threads.set_num_threads(n)
+            cuts.add(tuple(kernels.product_blocks(*shape)))
+        assert len(cuts) == 1, f"{shape}: {cuts}"
+        (blocks,) = cuts
+        M, K, N = shape
+        length = max(M, N)
+        assert blocks[0][0] == 0 and blocks[-1][1] == length
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:])), blocks
+        assert len(blocks) == 1 or (len(blocks) % kernels.PIECES_MULTIPLE == 0
+                                    and min(b - a for a, b in blocks) >= kernels.MIN_BLOCK), blocks
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_products_in_blocks_match_one_product_and_are_the_same_bits_on_any_thread_count(restore_threads, shape):
     M, K, N = shape
     rng = np.random.default_rng(0)
     a = rng.standard_normal((M, K)).astype(np.float32)
     b = rng.standard_normal((K, N)).astype(np.float32)
     g = rng.standard_normal((M, N)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
+
+    def products():
+        return [kernels.matmul(a, b), kernels.matmul(a.T, g), kernels.matmul(g, b.T), kernels.matmul(a, b, bias=bias)]
+
+    # against one uncut product: a tolerance (two BLAS calls that cut a product differently may round differently)
+    a64, b64, g64 = (x.astype(np.float64) for x in (a, b, g))
+    exact = [a64 @ b64, a64.T @ g64, g64 @ b64.T, a64 @ b64 + bias]
     threads.set_num_threads(1)
-    expect = [a @ b, a.T @ g, g @ b.T, a @ b + bias]
+    one = products()
+    for e, r in zip(exact, one):
+        assert r.dtype == np.float32
+        np.testing.assert_allclose(r, e, rtol=1e-4, atol=1e-4 * np.sqrt(K + max(M, N)))
+    # between thread counts: the same cut, so the same bits
     for n in (2, 3):
         threads.set_num_threads(n)
-        got = [threads.matmul(a, b), threads.matmul(a.T, g), threads.matmul(g, b.T), threads.matmul(a, b, bias=bias)]
-        for e, r in zip(expect, got):
-            assert r.dtype == np.float32 and np.array_equal(e, r)
+        for r1, rn in zip(one, products()):
+            assert np.array_equal(r1, rn), f"{n} threads differ from one"
 
 
 def _gpt_step(n_threads):
@@ -109,19 +138,47 @@ def _gpt_step(n_threads):
     return float(loss.item()), grads, {n: p.data.copy() for n, p in model.named_parameters()}
 
 
-def test_a_gpt_training_step_is_bitwise_the_same_on_two_or_three_threads(restore_threads):
-    # batch 2: attention pieces per batch element on 2 threads, per (batch, head) pair on 3
-    loss2, grads2, weights2 = _gpt_step(2)
-    loss3, grads3, weights3 = _gpt_step(3)
-    assert loss3 == loss2
-    for name in grads2:
-        assert np.array_equal(grads3[name], grads2[name]), f"gradient of {name} differs"
-        assert np.array_equal(weights3[name], weights2[name]), f"{name} after AdamW differs"
-    # one thread hands each whole product to BLAS's own threads, which may split its sums differently
-    loss1, grads1, _ = _gpt_step(1)
-    assert loss1 == pytest.approx(loss2, rel=1e-6)
-    for name in grads2:
-        np.testing.assert_allclose(grads1[name], grads2[name], rtol=1e-4, atol=1e-6 * np.abs(grads2[name]).max())
+def test_a_gpt_training_step_is_bitwise_the_same_on_one_two_or_three_threads(restore_threads):
+    # batch 2 < 4: attention is cut into (batch, head) cells; the products into blocks of rows
+    loss1, grads1, weights1 = _gpt_step(1)
+    for n in (2, 3):
+        loss_n, grads_n, weights_n = _gpt_step(n)
+        assert loss_n == loss1
+        for name in grads1:
+            assert np.array_equal(grads_n[name], grads1[name]), f"gradient of {name} differs on {n} threads"
+            assert np.array_equal(weights_n[name], weights1[name]), f"{name} after AdamW differs on {n} threads"
+
+
+#: what the determinism tests run again in a fresh interpreter under another OpenBLAS kernel
+_UNDER_CORETYPE = """
+import sys
+sys.path.insert(0, {root!r})
+import tests.test_threads as t
+from autograd import kernels, threads
+for shape in t.SHAPES:
+    t.test_products_in_blocks_match_one_product_and_are_the_same_bits_on_any_thread_count(None, shape)
+t.test_a_gpt_training_step_is_bitwise_the_same_on_one_two_or_three_threads(None)
+from threadpoolctl import threadpool_info
+print("kernel:", [i.get("architecture") for i in threadpool_info() if i["user_api"] == "blas"])
+"""
+
+
+@pytest.mark.parametrize("coretype", [None, "Haswell", "Prescott"])
+def test_determinism_holds_under_other_openblas_kernels(coretype):
+    """The claims above hold on the BLAS kernels other machines run (OPENBLAS_CORETYPE), not just this one's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    if coretype is not None:
+        env["OPENBLAS_CORETYPE"] = coretype
+    proc = subprocess.run([sys.executable, "-c", _UNDER_CORETYPE.format(root=root)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"OPENBLAS_CORETYPE={coretype}:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert "kernel:" in proc.stdout
 
 
 def test_ops_still_pass_gradcheck_on_several_threads(restore_threads):

@@ -22,7 +22,7 @@ from ..backend import get_array_module, is_array
 from ..backend import quiet_fp_errors as _quiet
 from ..engine import Function
 from ..tensor import Tensor, as_tensor
-from . import chunks
+from .. import kernels
 from .special import erf as _erf
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -196,7 +196,7 @@ class GELUTanh(Function):
     Only x is saved (the graph holds it anyway); backward recomputes t, which
     costs one tanh but saves keeping a second activation-sized array alive
     from forward to backward (the MLP's widest one). Both passes run in
-    cache-sized pieces (``chunks``), spread over the CPU threads: the
+    cache-sized pieces (``autograd.kernels``), spread over the CPU threads: the
     intermediates stay in small per-thread buffers, and only x, gy and the
     result go through memory.
     """
@@ -209,7 +209,7 @@ class GELUTanh(Function):
 
         def piece(sl):
             xs = xf[sl]
-            (b,) = chunks.buffers(xp, 1, xs.size, xf.dtype)
+            (b,) = kernels.scratch(xp, 1, xs.size, xf.dtype)
             xp.multiply(xs, xs, out=b)
             b *= _SQRT_2_OVER_PI * _GELU_CUBIC
             b += _SQRT_2_OVER_PI
@@ -219,7 +219,7 @@ class GELUTanh(Function):
             b += 0.5  # 0.5 (1 + t)
             xp.multiply(b, xs, out=y[sl])
 
-        chunks.run(chunks.slices(xp, xf.size), piece)
+        kernels.run(kernels.pieces(xp, xf.size), piece)
         self.x, self.shape = xf, x.shape
         return y.reshape(x.shape)
 
@@ -231,7 +231,7 @@ class GELUTanh(Function):
 
         def piece(sl):
             xs = xf[sl]
-            a, tb, db = chunks.buffers(xp, 3, xs.size, xf.dtype)
+            a, tb, db = kernels.scratch(xp, 3, xs.size, xf.dtype)
             xp.multiply(xs, xs, out=a)  # x^2
             xp.multiply(a, _SQRT_2_OVER_PI * _GELU_CUBIC, out=tb)
             tb += _SQRT_2_OVER_PI
@@ -248,7 +248,7 @@ class GELUTanh(Function):
             db += 0.5  # dy/dx
             xp.multiply(db, gf[sl], out=dx[sl])
 
-        chunks.run(chunks.slices(xp, xf.size), piece)
+        kernels.run(kernels.pieces(xp, xf.size), piece)
         return dx.reshape(self.shape)
 
 

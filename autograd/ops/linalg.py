@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import threads
+from .. import kernels
 from ..backend import get_array_module
 from ..engine import Function
 from ..tensor import Tensor
@@ -27,7 +27,7 @@ class MatMul(Function):
             raise ValueError(f"matmul shape mismatch: {a.shape} @ {b.shape}: the last axis of the first ({ka}) "
                              f"must equal the {'second-to-last' if b.ndim > 1 else 'only'} axis of the second ({kb})")
         self.a, self.b = a, b
-        return threads.matmul(a, b)
+        return kernels.matmul(a, b)
 
     def backward(self, gy):
         xp = get_array_module(gy)
@@ -41,11 +41,11 @@ class MatMul(Function):
             g2 = xp.expand_dims(g2, -2)  # (..., 1, N): then the dropped row axis
         ga = gb = None
         if self.needs_input_grad[0]:
-            ga = threads.matmul(g2, xp.swapaxes(b2, -1, -2))
+            ga = kernels.matmul(g2, xp.swapaxes(b2, -1, -2))
             if a.ndim == 1:
                 ga = ga.reshape(-1, a.shape[0]).sum(axis=0)  # (K,): sum over any batch axes
         if self.needs_input_grad[1]:
-            gb = threads.matmul(xp.swapaxes(a2, -1, -2), g2)
+            gb = kernels.matmul(xp.swapaxes(a2, -1, -2), g2)
             if b.ndim == 1:
                 gb = gb.reshape(-1, b.shape[0]).sum(axis=0)  # (K,)
         return ga, gb

@@ -37,7 +37,7 @@ import numbers
 
 import numpy as np
 
-from autograd import backend, threads
+from autograd import backend, kernels
 from autograd.backend import accumulation_dtype, get_array_module, sum_rows_of
 from autograd.engine import Function
 from autograd.tensor import Tensor, as_tensor
@@ -60,10 +60,10 @@ def _row_blocks(xp, T: int, S: int, causal: bool):
 
     Causal: query i (absolute position ``S - T + i``) sees keys ``j <= S - T + i``, so a block
     of rows ending at r1 needs only the first ``S - T + r1`` keys. On the GPU one block (every
-    extra block is more kernel launches); not causal: one block with every key.
+    extra block is more kernel launches: ``kernels.pieces``); not causal: one block with every key.
     """
-    rows = BLOCK_ROWS if (causal and xp is np) else T
-    return [(r0, min(r0 + rows, T), S - T + min(r0 + rows, T) if causal else S) for r0 in range(0, T, rows)]
+    rows = kernels.pieces(xp, T, BLOCK_ROWS) if causal else (slice(0, T),)
+    return [(r.start, r.stop, S - T + r.stop if causal else S) for r in rows]
 
 
 #: scores per piece of CPU attention work (B * H * T * S summed over its batch elements): about a core's L2
@@ -71,21 +71,15 @@ PIECE_SCORES = 1 << 17
 
 
 def _head_pieces(xp, B: int, H: int, Hkv: int, T: int, S: int):
-    """``(batch slice, kv-head slice)`` per piece of work for the CPU threads.
+    """``(batch slice, kv-head slice)`` per piece of work for the CPU threads (``kernels.grid_pieces``).
 
     A piece is a run of batch elements with about ``PIECE_SCORES`` scores
-    (fewer pieces pay the threads' hand-offs less often; every thread still
-    gets one), or one (batch element, kv head) pair when there are fewer
-    batch elements than threads. Every (batch, head) is computed the same
-    way in any grouping. CuPy: one piece.
+    (fewer pieces pay the threads' hand-offs less often), or one (batch
+    element, kv head) pair when runs would give too few pieces to share.
+    Shape-only; every (batch, head) is computed by the same products in any
+    grouping. CuPy: one piece.
     """
-    n = threads.num_threads()
-    if xp is not np or n == 1:
-        return [(slice(None), slice(None))]
-    if B < n and Hkv > 1:
-        return [(slice(b, b + 1), slice(h, h + 1)) for b in range(B) for h in range(Hkv)]
-    per_piece = max(1, min(PIECE_SCORES // max(1, H * T * S), -(-B // n)))  # batch elements per piece
-    return [(slice(b, min(b + per_piece, B)), slice(None)) for b in range(0, B, per_piece)]
+    return kernels.grid_pieces(xp, B, Hkv, H * T * S, PIECE_SCORES)
 
 
 class ScaledDotProductAttention(Function):
@@ -176,7 +170,7 @@ class ScaledDotProductAttention(Function):
                 ob = xp.matmul(pv, v[bs, hs, :end])  # (b, h, G*n, D)
                 o[bs, hs, :, r0:r1] = ob.reshape(ob.shape[0], ob.shape[1], G, n, D)  # (b, h, G, n, D)
 
-        threads.run(len(self.pieces), piece)
+        kernels.run(range(len(self.pieces)), piece)
         self.q, self.k, self.v = q, k, v
         return o.reshape(B, H, T, D)  # (B, H, T, D)
 
@@ -222,7 +216,7 @@ class ScaledDotProductAttention(Function):
                         qb = q5[bs, hs, :, r0:r1].reshape(b, h, G * n, D)  # (b, h, G*n, D)
                         dk[bs, hs, :end] += xp.matmul(xp.swapaxes(ds, -1, -2), qb)  # (b, h, end, D)
 
-        threads.run(len(self.pieces), piece)
+        kernels.run(range(len(self.pieces)), piece)
         if need_q:
             dq = dq.reshape(B, H, T, D)  # (B, H, T, D)
         if need_k:

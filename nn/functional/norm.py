@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import numbers
 
-from autograd import threads
+from autograd import kernels
 from autograd.backend import accumulation_dtype, get_array_module, sum_columns_of, sum_rows_of
 from autograd.engine import Function
-from autograd.ops import chunks
 from autograd.tensor import Tensor, as_tensor
 
 
@@ -63,7 +62,7 @@ def _normalise_rows(x2, weight, bias, eps: float, center: bool, cd):
 
     def piece(sl):  # a block of rows
         xs, ys, r = x2[sl].astype(cd, copy=False), y[sl], rstd[sl]
-        (sq,) = chunks.buffers(xp, 1, ys.size, cd)
+        (sq,) = kernels.scratch(xp, 1, ys.size, cd)
         if center:
             mu = mean[sl]
             sum_rows_of(xs, out=mu[:, 0])
@@ -82,7 +81,7 @@ def _normalise_rows(x2, weight, bias, eps: float, center: bool, cd):
         if b is not None:
             ys += b
 
-    chunks.run(chunks.row_slices(xp, N, C), piece)
+    kernels.run(kernels.row_pieces(xp, N, C), piece)
     return y, mean, rstd
 
 
@@ -109,14 +108,14 @@ def _normalise_rows_backward(g2, x2, weight, mean, rstd, need_x: bool, need_w: b
     w = weight.astype(cd, copy=False) if weight is not None else None
     dx = xp.empty((N, C), dtype=cd) if need_x else None
     inv_n = cd.type(1.0 / C)
-    pieces = chunks.row_slices(xp, N, C)
+    pieces = list(enumerate(kernels.row_pieces(xp, N, C)))
     dw_parts = xp.empty((len(pieces), C), dtype=cd) if need_w else None
     db_parts = xp.empty((len(pieces), C), dtype=cd) if need_b else None
 
-    def piece(i):  # a cache-sized block of rows
-        sl = pieces[i]
+    def piece(block):  # (index, slice) of a cache-sized block of rows
+        i, sl = block
         n = sl.stop - sl.start
-        xc, gx = (a.reshape(n, C) for a in chunks.buffers(xp, 2, n * C, cd))  # (n, C) each
+        xc, gx = (a.reshape(n, C) for a in kernels.scratch(xp, 2, n * C, cd))  # (n, C) each
         gs, xs, r = g2[sl].astype(cd, copy=False), x2[sl].astype(cd, copy=False), rstd[sl]
         if mean is not None:
             xp.subtract(xs, mean[sl], out=xc)
@@ -142,7 +141,7 @@ def _normalise_rows_backward(g2, x2, weight, mean, rstd, need_x: bool, need_w: b
             s2 = gs @ w if w is not None else sum_rows_of(gs)  # (n,)
             d -= (s2[:, None] * r) * inv_n  # rstd * mean(g)
 
-    threads.run(len(pieces), piece)
+    kernels.run(pieces, piece)
     dw = dw_parts.sum(axis=0) if need_w else None
     db = db_parts.sum(axis=0) if need_b else None
     return dx, dw, db
@@ -154,7 +153,7 @@ class LayerNormFunction(Function):
     Forward saves x (already held by the graph), ``mean`` and ``rstd`` (one
     number per row), as llm.c does; backward works from x - mean and rstd
     without rebuilding xhat (``_normalise_rows_backward`` has the rearranged
-    formula). Both run in cache-sized blocks of rows (``chunks``) spread over
+    formula). Both run in cache-sized blocks of rows (``autograd.kernels``) spread over
     the CPU threads, with small per-thread buffers (shared with RMSNorm); dw
     and db are summed per block, then over the blocks in order. Row and column
     sums are BLAS products with a vector (of ones, of w, or of rstd).

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 import autograd
-from autograd import threads
-from autograd.backend import sum_columns_of, sum_in_float32
+from autograd import kernels
+from autograd.backend import get_array_module, sum_columns_of, sum_in_float32
 from autograd.engine import Function
 from autograd.tensor import Tensor
 
@@ -32,9 +32,9 @@ class LinearFunction(Function):
         dL/dW = X^T @ G            (in, out): sum over rows of outer products x_n g_n^T
         dL/db = sum_n G[n]         (out,): b is added to every row
 
-    On the CPU each product is cut into blocks of its output for the worker
-    threads (``autograd.threads.matmul_pieces``), and backward hands the blocks
-    of dx and dW and the bias sum to the threads in one round.
+    Each product is cut into blocks of its output for the CPU threads
+    (``autograd.kernels.matmul_tasks``; one call on the GPU), and backward
+    hands the blocks of dx and dW and the bias sum to the threads in one round.
     """
 
     def forward(self, x, w, b=None):
@@ -45,7 +45,7 @@ class LinearFunction(Function):
             raise ValueError(f"linear: bias of shape {b.shape} does not match out_features {w.shape[1]}")
         self.lead = x.shape[:-1]
         x2 = x.reshape(-1, w.shape[0])  # (N, in)
-        y2 = threads.matmul(x2, w, bias=b)  # (N, out)
+        y2 = kernels.matmul(x2, w, bias=b)  # (N, out)
         self.x2, self.w, self.has_bias = x2, w, b is not None
         return y2.reshape(*self.lead, w.shape[1])  # (..., out)
 
@@ -54,18 +54,14 @@ class LinearFunction(Function):
         g2 = gy.reshape(-1, w.shape[1])  # (N, out)
         need_x, need_w = self.needs_input_grad[:2]
         need_b = self.has_bias and self.needs_input_grad[2]
-        if isinstance(g2, np.ndarray):  # CPU: the bias sum and both products' blocks in one round of the threads
-            gx = np.empty((g2.shape[0], w.shape[0]), dtype=np.result_type(g2, w)) if need_x else None  # (N, in)
-            gw = np.empty(w.shape, dtype=np.result_type(x2, g2)) if need_w else None  # (in, out)
-            gb = np.empty(w.shape[1], dtype=g2.dtype) if need_b else None  # (out,)
-            tasks = [lambda: _column_sums(g2, out=gb)] if need_b else []
-            tasks += threads.matmul_pieces(g2, w.T, gx) if need_x else []
-            tasks += threads.matmul_pieces(x2.T, g2, gw) if need_w else []
-            threads.run_all(tasks)
-        else:
-            gx = g2 @ w.T if need_x else None  # (N, in)
-            gw = x2.T @ g2 if need_w else None  # (in, out)
-            gb = sum_in_float32(g2, axis=0) if need_b else None  # (out,)
+        xp = get_array_module(g2)
+        gx = xp.empty((g2.shape[0], w.shape[0]), dtype=np.result_type(g2.dtype, w.dtype)) if need_x else None  # (N, in)
+        gw = xp.empty(w.shape, dtype=np.result_type(x2.dtype, g2.dtype)) if need_w else None  # (in, out)
+        gb = xp.empty(w.shape[1], dtype=g2.dtype) if need_b else None  # (out,)
+        tasks = [lambda: _column_sums(g2, out=gb)] if need_b else []  # the bias sum and both products' blocks:
+        tasks += kernels.matmul_tasks(g2, w.T, gx) if need_x else []  # one round of the threads
+        tasks += kernels.matmul_tasks(x2.T, g2, gw) if need_w else []
+        kernels.run_tasks(tasks, xp)
         if gx is not None:
             gx = gx.reshape(*self.lead, w.shape[0])  # (..., in)
         return (gx, gw, gb) if self.has_bias else (gx, gw)

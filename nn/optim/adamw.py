@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from autograd.backend import get_array_module
-from autograd.ops import chunks
+from autograd import kernels
 
 from .optimizer import Optimizer, _grad_of
 
@@ -32,7 +32,7 @@ class AdamW(Optimizer):
     one piece-sized scratch buffer per thread: no temporary as large as the
     parameter (GPT-2's embedding table is 154 MB: allocated and freed every
     step, that is tens of thousands of page faults). The pieces of all
-    parameters are spread over the CPU threads together (``chunks.run``).
+    parameters are spread over the CPU threads together (``autograd.kernels.run``).
     Parameters whose ``.grad`` is None are skipped.
     """
 
@@ -78,7 +78,7 @@ class AdamW(Optimizer):
                     updates.append((w, m, v, g, hyper))  # a strided parameter: whole, in place
                 else:
                     flat = [a.reshape(-1) for a in (w, m, v)] + [xp.ascontiguousarray(g).reshape(-1)]  # (n,) views
-                    for sl in chunks.slices(xp, w.size, _PIECE):
+                    for sl in kernels.pieces(xp, w.size, _PIECE):
                         updates.append(tuple(a[sl] for a in flat) + (hyper,))
                 if low:
                     low_precision.append((p.data, w))
@@ -86,10 +86,10 @@ class AdamW(Optimizer):
         def piece(update):
             w, m, v, g, hyper = update
             xp = get_array_module(w)
-            (tmp,) = chunks.buffers(xp, 1, w.size, w.dtype)
+            (tmp,) = kernels.scratch(xp, 1, w.size, w.dtype)
             adamw_update_(xp, w, m, v, g, tmp.reshape(w.shape), *hyper)
 
-        chunks.run(updates, piece)
+        kernels.run(updates, piece)
         for data, w in low_precision:
             data[...] = w  # round back into the float16 parameter, in place
 
