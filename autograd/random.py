@@ -17,6 +17,7 @@ Ops that take a ``generator=`` argument use it instead when one is passed.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import numpy as np
@@ -59,3 +60,25 @@ def default_generator(xp=np):
         gen = xp.random.default_rng(_seed)
         _generators[key] = gen
     return gen
+
+
+@contextlib.contextmanager
+def fork(seed: int):
+    """Inside the block the default generators start afresh from ``seed``; afterwards the outer streams go on.
+
+    Two blocks forked with the same seed draw the same numbers (activation
+    recomputation replays a block's dropout masks this way), and neither
+    disturbs the streams around them.
+    """
+    global _seed, _generators
+    saved = (_seed, _generators)
+    _seed, _generators = int(seed), {}
+    try:
+        yield
+    finally:
+        _seed, _generators = saved
+
+
+def draw_seed() -> int:
+    """A seed drawn from the NumPy default generator (advancing it by one draw), e.g. for ``fork``."""
+    return int(default_generator(np).integers(0, 2 ** 63 - 1))

@@ -30,6 +30,7 @@ attention, SwiGLU, no biases and an untied head.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import numbers
 from dataclasses import dataclass
@@ -95,12 +96,10 @@ class GPTConfig:
         for name, choices in (("mlp", _MLPS), ("norm", _NORMS), ("pos", _POS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"GPTConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"pick n_head among the divisors of {self.n_embd}")
-        if self.n_head % self.kv_heads:
-            raise ValueError(f"GPTConfig: n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
-                             "every kv head must serve the same number of query heads")
+        try:
+            nn.check_heads(self.n_embd, self.n_head, self.n_kv_head)  # the one check of the head counts
+        except ValueError as e:
+            raise ValueError(f"GPTConfig: {e}") from None
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"GPTConfig: RoPE needs an even head_dim, but n_embd / n_head = {self.head_dim}")
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -218,6 +217,11 @@ class GPT(nn.Module):
     biases, unit norm gains); two models built from equal generators are
     bitwise identical. ``dtype`` is the parameters' dtype (float32; float64 for
     gradient checks).
+
+    Pipeline parallelism cuts the same model into stages (``pipeline_stage``):
+    a stage is a GPT that holds a run of blocks, plus the embeddings on the
+    first stage and the final norm and head on the last, and runs this same
+    ``forward`` on its part. The whole model is the one-stage case.
     """
 
     def __init__(self, config: GPTConfig, generator: np.random.Generator | None = None, dtype=np.float32):
@@ -226,6 +230,8 @@ class GPT(nn.Module):
             raise TypeError(f"GPT needs a GPTConfig, got {type(config).__name__}; e.g. GPT(get_preset('tiny'))")
         self.config = config
         c = config
+        self.stage, self.n_stages, self.blocks = 0, 1, range(c.n_layer)
+        self.recompute = False  # keep only each block's input in training; recompute the rest in backward
         self.wte = nn.Embedding(c.vocab_size, c.n_embd, generator=generator, dtype=dtype)
         if c.pos == "learned":
             self.wpe = nn.Embedding(c.block_size, c.n_embd, generator=generator, dtype=dtype)
@@ -248,11 +254,80 @@ class GPT(nn.Module):
         else:
             self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False, generator=generator, dtype=dtype)
 
+    # -- pipeline stages -----------------------------------------------------
+    @property
+    def is_first(self) -> bool:
+        """Whether this (part of the) model takes token ids: it holds the embeddings."""
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this (part of the) model makes the logits: it holds the final norm and the head."""
+        return self.stage == self.n_stages - 1
+
+    def pipeline_stage(self, stage: int, layout) -> "GPT":
+        """Stage ``stage`` of a pipeline whose stages hold the blocks in ``layout`` (``[range, ...]``).
+
+        The stage shares this model's modules: the embeddings ``wte``, ``wpe``,
+        ``drop`` on the first stage, its blocks (``h``, keyed by block index, so
+        parameter names stay ``h.3.attn...``), and ``ln_f`` and the head on the
+        last. Tied embeddings: the head multiplies by ``wte``, which the first
+        stage needs for the lookup and the last for the logits; as in
+        Megatron-LM the last stage keeps its own copy of ``wte.weight``, equal
+        at the start, whose gradient the pipeline sums with the first stage's
+        after each backward (``tied_weight``), so both take the same steps.
+        """
+        layout = [range(r.start, r.stop) for r in layout]
+        if not 0 <= stage < len(layout):
+            raise ValueError(f"stage {stage} does not exist in a pipeline of {len(layout)} stages")
+        if [i for r in layout for i in r] != list(range(self.config.n_layer)) or any(len(r) == 0 for r in layout):
+            raise ValueError(f"the stage layout {layout} must cover blocks 0..{self.config.n_layer - 1} exactly once, "
+                             "in order, with at least one block per stage")
+        part = GPT.__new__(GPT)
+        nn.Module.__init__(part)
+        part.config = self.config
+        part.stage, part.n_stages, part.blocks = stage, len(layout), layout[stage]
+        tied = self.config.tie_embeddings
+        part.wte = self.wte if part.is_first else copy.deepcopy(self.wte) if part.is_last and tied else None
+        part.wpe = self.wpe if part.is_first else None
+        part.drop = self.drop if part.is_first else None
+        part.h = nn.ModuleDict({str(i): self.h[i] for i in part.blocks})
+        part.ln_f = self.ln_f if part.is_last else None
+        part.lm_head = self.lm_head if part.is_last else None
+        part.training = self.training
+        part.recompute = self.recompute
+        return part
+
+    @property
+    def tied_weight(self):
+        """``(name, Parameter)`` of the weight the first and the last stage both hold (tied ``wte``), else None."""
+        if not self.config.tie_embeddings or self.n_stages == 1 or not (self.is_first or self.is_last):
+            return None
+        return "wte.weight", self.wte.weight
+
+    @property
+    def holds_tied_copy(self) -> bool:
+        """True on the last stage of a multi-stage pipeline with tied embeddings: its ``wte`` is the head's copy."""
+        return self.config.tie_embeddings and self.is_last and not self.is_first
+
+    def activation_shape(self, ids_shape) -> tuple:
+        """The shape of the activation between stages for token ids of shape ``(B, T)``: ``(B, T, n_embd)``."""
+        return (int(ids_shape[0]), int(ids_shape[1]), self.config.n_embd)
+
+    @property
+    def activation_dtype(self):
+        """The dtype of the activations this stage receives and sends (that of its parameters)."""
+        return next(iter(self.parameters())).dtype
+
+    def _blocks(self):
+        """This (part of the) model's blocks, in order."""
+        return list(self.h) if isinstance(self.h, nn.ModuleList) else list(self.h.values())
+
     # -- helpers -------------------------------------------------------------
     @property
     def device(self) -> str:
         """"cpu" or "cuda": where the parameters live."""
-        return self.wte.weight.device
+        return next(iter(self.parameters())).device
 
     def _as_ids(self, ids, what: str):
         """Integer ids as an array on the parameters' device (from an array, a Tensor or nested lists)."""
@@ -280,32 +355,46 @@ class GPT(nn.Module):
         ``kv_caches[0].offset ..`` and attend to every cached one.
         ``last_only=True`` computes the logits of the last position only
         ``(B, 1, V)``, all that sampling needs (not allowed with targets).
+
+        A pipeline stage (``pipeline_stage``) runs its part: a stage after the
+        first takes the previous stage's activation ``(B, T, C)`` (a Tensor)
+        instead of ids, and a stage before the last returns its activation.
         """
         c = self.config
-        ids = self._as_ids(ids, "ids")
-        if ids.ndim != 2:
-            raise ValueError(f"GPT: ids must have shape (B, T), got {ids.shape}; for one sequence use ids[None]")
-        B, T = ids.shape
-        if T == 0:
-            raise ValueError("GPT: ids has no positions (T == 0); pass at least one token")
         offset = 0
         if kv_caches is not None:
-            if len(kv_caches) != c.n_layer:
+            if len(kv_caches) != c.n_layer or self.n_stages > 1:
                 raise ValueError(f"GPT: got {len(kv_caches)} KV caches for {c.n_layer} layers; "
-                                 "use model.new_kv_caches()")
+                                 "use model.new_kv_caches() (on the whole model)")
             offset = kv_caches[0].offset
-        if offset + T > c.block_size:
-            raise ValueError(f"GPT: {offset} cached + {T} new positions = {offset + T} exceed block_size="
-                             f"{c.block_size}; crop the context to the last {c.block_size} tokens")
         if last_only and targets is not None:
             raise ValueError("GPT: last_only=True gives no logits for most targets; use it only to sample")
-
-        x = self.wte(ids)  # (B, T, C)
-        if self.wpe is not None:
-            x = x + self.wpe.weight[offset:offset + T]  # (T, C) broadcast over B: rows offset .. offset+T-1
-        x = self.drop(x)
-        for i, block in enumerate(self.h):
-            x = block(x, kv_cache=None if kv_caches is None else kv_caches[i])
+        if self.is_first:
+            ids = self._as_ids(ids, "ids")
+            if ids.ndim != 2:
+                raise ValueError(f"GPT: ids must have shape (B, T), got {ids.shape}; for one sequence use ids[None]")
+            B, T = ids.shape
+            if T == 0:
+                raise ValueError("GPT: ids has no positions (T == 0); pass at least one token")
+            if offset + T > c.block_size:
+                raise ValueError(f"GPT: {offset} cached + {T} new positions = {offset + T} exceed block_size="
+                                 f"{c.block_size}; crop the context to the last {c.block_size} tokens")
+            x = self.wte(ids)  # (B, T, C)
+            if self.wpe is not None:
+                x = x + self.wpe.weight[offset:offset + T]  # (T, C) broadcast over B: rows offset .. offset+T-1
+            x = self.drop(x)
+        elif not isinstance(ids, Tensor):
+            raise TypeError(f"stage {self.stage} of the pipeline takes the previous stage's activation as a Tensor "
+                            f"(B, T, C), got {type(ids).__name__}")
+        else:
+            x = ids
+        for i, block in zip(self.blocks, self._blocks()):
+            if self.recompute and self.training and kv_caches is None:
+                x = nn.recompute(block, x)  # only x is kept: the block runs again in backward
+            else:
+                x = block(x, kv_cache=None if kv_caches is None else kv_caches[i])
+        if not self.is_last:
+            return x
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         x = self.ln_f(x)
@@ -313,10 +402,10 @@ class GPT(nn.Module):
 
         loss = None
         if targets is not None:
+            B, T, V = logits.shape
             targets = self._as_ids(targets, "targets")
             if targets.shape != (B, T):
                 raise ValueError(f"GPT: targets of shape {targets.shape} must match ids of shape {(B, T)}")
-            V = logits.shape[-1]
             loss = autograd.cross_entropy(logits.reshape(B * T, V),  # (B*T, V)
                                           targets.reshape(B * T),  # (B*T,)
                                           ignore_index=-100)
@@ -324,8 +413,10 @@ class GPT(nn.Module):
 
     def extra_repr(self):
         c = self.config
+        where = "" if self.n_stages == 1 else f", stage {self.stage} of {self.n_stages} (blocks {self.blocks.start}.." \
+                                               f"{self.blocks.stop - 1})"
         return (f"n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, vocab_size={c.vocab_size}, "
-                f"block_size={c.block_size}, tied={c.tie_embeddings}")
+                f"block_size={c.block_size}, tied={c.tie_embeddings}{where}")
 
 
 __all__ = ["GPTConfig", "PRESETS", "get_preset", "GPT", "TiedHead", "tied_head", "SWIGLU_MULTIPLE_OF"]

@@ -8,12 +8,13 @@
 
 from . import amp, functional, init, optim
 from .layers import (MLP, GELU, Block, CausalSelfAttention, Dropout, Embedding, Identity, KVCache, LayerNorm, Linear,
-                     RMSNorm, SiLU, SwiGLU, linear, llama_hidden_dim)
+                     RMSNorm, SiLU, SwiGLU, check_heads, linear, llama_hidden_dim)
 from .module import IncompatibleKeys, Module, ModuleDict, ModuleList, Parameter, Sequential, functional_call
+from .recompute import recompute
 
 __all__ = [
     "Module", "Parameter", "ModuleList", "ModuleDict", "Sequential", "IncompatibleKeys", "functional_call",
     "Linear", "linear", "Embedding", "Dropout", "GELU", "SiLU", "Identity", "MLP", "SwiGLU", "llama_hidden_dim",
-    "LayerNorm", "RMSNorm", "CausalSelfAttention", "KVCache", "Block",
-    "init", "optim", "functional", "amp",
+    "LayerNorm", "RMSNorm", "CausalSelfAttention", "KVCache", "check_heads", "Block",
+    "recompute", "init", "optim", "functional", "amp",
 ]

@@ -18,10 +18,13 @@ optimizer updates. One training step:
 
 ``mp.step(opt, max_norm=...)`` does the last six lines (and refuses a non-finite
 gradient norm where no scaler catches it) and returns whether the update was
-applied; ``llm``'s training steps, single-process and pipelined, both call it. With ``Precision("float32")`` the same loop is plain float32
+applied; the trainer's one step (``llm.trainer.layout.Layout.step``) calls it
+for every layout. With ``Precision("float32")`` the same loop is plain float32
 training: the master parameters *are* the model's parameters (no copies), the
 scaler is disabled (scale 1, never skips), and the results are bitwise those of
-a loop without this object.
+a loop without this object. The master weights live in one class,
+``MasterWeights``; ZeRO-1 (``parallel.zero.ShardedMasters``) keeps the same
+interface over one rank's shard of them.
 
 Why each part:
 
@@ -84,8 +87,9 @@ _ALIASES = {
     "fp32": "float32", "float32": "float32", "f32": "float32", "32": "float32", "single": "float32",
     "fp16": "float16", "float16": "float16", "f16": "float16", "16": "float16", "half": "float16",
     "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp64": "float64", "float64": "float64", "f64": "float64", "64": "float64", "double": "float64",
 }
-_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 
 
 def _canonical(name, what: str) -> str:
@@ -98,7 +102,8 @@ def _canonical(name, what: str) -> str:
     key = str(name).strip().lower()
     if key not in _ALIASES:
         raise ValueError(f"unknown {what} {name!r}: use one of 'fp32' / 'float32', 'fp16' / 'float16' "
-                         f"(float16 compute, float32 master weights) or 'bf16' / 'bfloat16'")
+                         f"(float16 compute, float32 master weights), 'bf16' / 'bfloat16' or 'fp64' / 'float64' "
+                         f"(double precision everywhere: gradient studies and exact comparisons)")
     return _ALIASES[key]
 
 
@@ -133,9 +138,11 @@ class Precision:
     """Which dtype the model computes in and which dtype the optimizer's master weights are kept in.
 
     ``compute_dtype``: "float32" (plain training), "float16" (mixed precision with
-    float32 master weights and dynamic loss scaling) or "bfloat16" (float32
-    master weights, no loss scaling; needs an array library with bfloat16).
-    ``master_dtype`` is "float32". Short names ("fp16") are normalised.
+    float32 master weights and dynamic loss scaling), "bfloat16" (float32
+    master weights, no loss scaling; needs an array library with bfloat16) or
+    "float64" (double precision throughout, for gradient studies and exact
+    comparisons). ``master_dtype`` is "float32" ("float64" with float64
+    compute). Short names ("fp16") are normalised.
     """
 
     compute_dtype: str = "float32"
@@ -144,21 +151,24 @@ class Precision:
     def __post_init__(self):
         object.__setattr__(self, "compute_dtype", _canonical(self.compute_dtype, "compute dtype"))
         master = _canonical(self.master_dtype, "master dtype")
-        if master != "float32":
+        if self.compute_dtype == "float64":
+            master = "float64"  # nothing narrower may hold the weights of a float64 model
+        elif master != "float32":
             raise ValueError(f"master_dtype must be float32 (the optimizer's copy of the weights), got "
                              f"{self.master_dtype!r}")
         object.__setattr__(self, "master_dtype", master)
 
     @classmethod
     def from_name(cls, name) -> "Precision":
-        """``"fp32"``/``"float32"``, ``"fp16"``/``"float16"``/``"half"``, ``"bf16"``/``"bfloat16"`` (or a Precision)."""
+        """``"fp32"``/``"float32"``, ``"fp16"``/``"float16"``/``"half"``, ``"bf16"``/``"bfloat16"``, ``"fp64"`` (or a
+        Precision)."""
         if isinstance(name, Precision):
             return name
         return cls(compute_dtype=_canonical(name, "precision"))
 
     @property
     def name(self) -> str:
-        """The short name: "fp32", "fp16" or "bf16"."""
+        """The short name: "fp32", "fp16", "bf16" or "fp64"."""
         return _SHORT[self.compute_dtype]
 
     @property
@@ -178,7 +188,7 @@ class Precision:
         return np.dtype(self.compute_dtype)
 
     def master_numpy_dtype(self) -> np.dtype:
-        """The master dtype (float32) as a NumPy dtype."""
+        """The master dtype (float32; float64 with float64 compute) as a NumPy dtype."""
         return np.dtype(self.master_dtype)
 
 
@@ -332,18 +342,148 @@ def _quiet(xp):
     return xp.errstate(over="ignore", invalid="ignore") if hasattr(xp, "errstate") else contextlib.nullcontext()
 
 
-class MixedPrecision:
-    """Owns the float32 master weights of ``model`` and the loss scaler; see the module docstring for the loop.
+class MasterWeights:
+    """The weights an optimizer updates: float32 copies of a model's trainable parameters, or those parameters.
 
-    ``MixedPrecision(model, "fp16")`` casts every floating parameter of the model
-    to float16 in place (the Parameter objects stay the same; their ``.data`` is
-    replaced) after copying each trainable one into a float32 master
-    ``Parameter`` of the same name and ``no_decay`` flag. Build the optimizer over
+    The one implementation of master weights. ``MixedPrecision`` keeps one
+    over the whole model; ZeRO (``parallel.zero.ShardedMasters``) keeps the same
+    interface over its shard of them. With ``copies=True`` each trainable
+    floating parameter gets a float32 ``Parameter`` of the same name and
+    ``no_decay`` flag (made from the parameter's current values: build it
+    before the model is cast down); with ``copies=False`` the masters are the
+    parameters themselves and every method is free.
+
+    ``grads_from_model(inv_scale)``: each master's ``.grad`` from its model
+    parameter's (times ``inv_scale``), and whether any value is inf or NaN;
+    ``copy_to_model()``: round the masters back into the model.
+    """
+
+    def __init__(self, named_params, copies: bool, master_dtype=np.float32):
+        self.copies = bool(copies)
+        self.master_dtype = np.dtype(master_dtype)
+        # (name, model parameter, master parameter) for every trainable floating parameter, in order
+        self.pairs = []
+        for name, p in named_params:
+            if not p.requires_grad or p.dtype.kind != "f":
+                continue
+            master = Parameter(p.data.astype(self.master_dtype), no_decay=getattr(p, "no_decay", False),
+                               name=name) if self.copies else p
+            self.pairs.append((name, p, master))
+        self._master_of = {id(p): m for _, p, m in self.pairs}
+        self._grad_buffers = {}  # name -> float32 array reused for the master gradient
+
+    def named_parameters(self) -> list:
+        """``[(name, master Parameter)]``, in the model's order: what the optimizer updates."""
+        return [(name, m) for name, _, m in self.pairs]
+
+    def master_of(self, p):
+        """The master of model parameter ``p`` (None: frozen, or not held here)."""
+        return self._master_of.get(id(p))
+
+    def grads_from_model(self, inv_scale: float = 1.0) -> bool:
+        """Set each master's ``.grad`` to float32(model grad) * ``inv_scale``; True if any value is inf or NaN.
+
+        One pass per gradient writes the float32 master gradient (``multiply``
+        with a float32 output; multiplying by the inverse of a power of two is
+        exact), one sum per gradient feeds the check (inf or NaN anywhere makes
+        the sum inf or NaN; a sum of finite values cannot overflow float32
+        here, each being at most 65504 / scale), and one device
+        synchronisation reads the verdict for all of them. A master whose
+        parameter has no gradient gets ``.grad = None``. Without copies the
+        gradients are scaled in place (nothing at all when ``inv_scale`` is 1:
+        returns False).
+        """
+        if not self.copies and inv_scale == 1.0:
+            return False
+        partial = []
+        xp = np
+        for name, p, m in self.pairs:
+            g = p.grad
+            if g is None:
+                m.grad = None
+                continue
+            if g.shape != p.shape:
+                raise ValueError(f"gradient of {name!r} has shape {g.shape}, but the parameter has shape {p.shape}")
+            xp = get_array_module(g)
+            with _quiet(xp):
+                if self.copies:
+                    buf = self._grad_buffers.get(name)
+                    if buf is None or backend.device_of(buf) != backend.device_of(g):
+                        buf = self._grad_buffers[name] = xp.empty(p.shape, dtype=self.master_dtype)
+                    xp.multiply(g, self.master_dtype.type(inv_scale), out=buf, dtype=self.master_dtype)
+                    m.grad = buf
+                else:
+                    g *= inv_scale  # a Python float keeps the gradient's dtype; the engine's grads own their memory
+                partial.append(m.grad.sum(dtype=np.promote_types(m.grad.dtype, np.float32)))
+        if not partial:
+            return False
+        with _quiet(xp):
+            total = xp.stack(partial).sum()
+            return not bool(xp.isfinite(total))  # the one synchronisation
+
+    def copy_to_model(self):
+        """Round each master into its model parameter's array, in place (the same objects); free without copies."""
+        if not self.copies:
+            return
+        for _, p, m in self.pairs:
+            p.data[...] = m.data  # cast on assignment (round to nearest even), into the existing array
+
+    def zero_grad(self):
+        """Drop the masters' gradients (``.grad = None``)."""
+        for _, _, m in self.pairs:
+            m.grad = None
+
+    def state_dict(self) -> OrderedDict:
+        """``{name: master array}`` (the live arrays) when copies are kept, else empty (the model holds them)."""
+        return OrderedDict((name, m.data) for name, _, m in self.pairs) if self.copies else OrderedDict()
+
+    def load_state_dict(self, master: dict):
+        """Set the masters from ``{name: array}`` and round them into the model; ValueError (nothing changed) on
+        missing, unexpected or wrongly shaped entries."""
+        problems = []
+        names = [name for name, _, _ in self.pairs] if self.copies else []
+        missing = [n for n in names if n not in master]
+        unexpected = [n for n in master if n not in set(names)]
+        if missing:
+            problems.append(f"master weights missing from the checkpoint ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            problems.append(f"unexpected master weights ({len(unexpected)}): " + ", ".join(unexpected))
+        for name, _, m in (self.pairs if self.copies else []):
+            if name in master:
+                shape = tuple(np.shape(_data(master[name])))
+                if shape != tuple(m.shape):
+                    problems.append(f"master {name}: checkpoint shape {shape} vs parameter shape {tuple(m.shape)}")
+        if problems:
+            raise ValueError("master weights do not fit:\n  " + "\n  ".join(problems))
+        for name, _, m in (self.pairs if self.copies else []):
+            value = _data(master[name])
+            value = backend.to_device(value if backend.is_array(value) else np.asarray(value), m.device)
+            m.data[...] = value.astype(self.master_dtype, copy=False)
+        self.copy_to_model()
+
+    def __len__(self):
+        return len(self.pairs)
+
+
+def _data(value):
+    return value.data if isinstance(value, Tensor) else value
+
+
+class MixedPrecision:
+    """The precision policy, the loss scaler and the master weights of ``model``; see the module docstring.
+
+    ``MixedPrecision(model, "fp16")`` copies each trainable parameter into a
+    float32 master (``MasterWeights``), then casts every floating parameter
+    of the model to float16 in place (the Parameter objects stay the same;
+    their ``.data`` is replaced). Build the optimizer over
     ``master_named_parameters()`` (or ``param_groups_for_gpt(...)``), so its state
     is keyed by the model's parameter names. Buffers are left as they are.
 
     ``scaler``: a ``DynamicLossScaler``; default: one with the standard settings
-    for float16, a disabled one for float32 and bfloat16.
+    for float16, a disabled one for float32 and bfloat16. ``masters``: a
+    ``MasterWeights``-like object to use instead of the default one (ZeRO's
+    ``parallel.zero.ShardedMasters`` over this rank's shard); it must be made
+    from the float32 model, as the default is.
 
     With ``Precision("float32")``: the model is cast to float32 if it is not
     already (a no-op for a float32 model), the master parameters are the model's
@@ -353,7 +493,7 @@ class MixedPrecision:
     already float16 model would take its rounded weights as masters.
     """
 
-    def __init__(self, model: Module, precision="fp32", scaler: DynamicLossScaler | None = None):
+    def __init__(self, model: Module, precision="fp32", scaler: DynamicLossScaler | None = None, masters=None):
         if not isinstance(model, Module):
             raise TypeError(f"MixedPrecision needs an nn.Module, got {type(model).__name__}")
         self.model = model
@@ -367,28 +507,16 @@ class MixedPrecision:
         elif not isinstance(scaler, DynamicLossScaler):
             raise TypeError(f"scaler must be a DynamicLossScaler or None, got {type(scaler).__name__}")
         self.scaler = scaler
-        self.copies = self.precision.is_mixed
+        self.masters = MasterWeights(params, self.precision.is_mixed, self.master_dtype) if masters is None \
+            else masters
+        self.copies = self.masters.copies
         self.last_grad_norm = None  # the global gradient norm measured by the last step(max_norm=...)
         self._checked_optimizers = weakref.WeakSet()
-
-        # (name, model parameter, master parameter) for every trainable parameter, in named_parameters() order
-        self._pairs = []
-        for name, p in params:
-            if not p.requires_grad or p.dtype.kind != "f":
-                continue
-            if self.copies:
-                master = Parameter(p.data.astype(self.master_dtype), no_decay=getattr(p, "no_decay", False),
-                                   name=name)  # a fresh float32 copy
-            else:
-                master = p
-            self._pairs.append((name, p, master))
         for _, p in params:  # now cast the model (trainable or frozen) to the compute dtype, in place
             if p.dtype.kind == "f" and p.dtype != self.compute_dtype:
                 p.data = p.data.astype(self.compute_dtype)
                 if p.grad is not None:
                     p.grad = p.grad.astype(self.compute_dtype)
-        self._master_of = {id(p): m for _, p, m in self._pairs}
-        self._grad_buffers = {}  # name -> float32 array reused for the master gradient
 
     # -- parameters ----------------------------------------------------------
     def master_named_parameters(self) -> list:
@@ -397,20 +525,25 @@ class MixedPrecision:
         Hand these to the optimizer (``nn.optim.AdamW(mp.master_named_parameters())``).
         They are float32 copies in mixed precision, the model's own parameters in float32.
         """
-        return [(name, m) for name, _, m in self._pairs]
+        return self.masters.named_parameters()
 
     def master_params_for(self, groups) -> list:
         """Map parameter groups over the model's parameters to the same groups over the master parameters.
 
         ``groups``: a list of dicts ``{"params": [(name, model_param), ...], ...}``
         (e.g. from ``nn.optim.param_groups_for_gpt(model, ...)``) or a plain list of
-        ``(name, model_param)`` pairs. Names and every other key are kept.
+        ``(name, model_param)`` pairs. Names and every other key are kept. (With
+        sharded masters, parameters with no part on this rank drop out.)
         """
+        sharded = getattr(self.masters, "sharded", False)
+
         def convert(pairs):
             out = []
             for name, p in pairs:
-                m = self._master_of.get(id(p))
+                m = self.masters.master_of(p)
                 if m is None:
+                    if sharded and p.requires_grad:
+                        continue
                     raise ValueError(f"parameter {name!r} has no master copy: it is frozen (requires_grad=False) or "
                                      "not a parameter of the model this MixedPrecision was built for")
                 out.append((name, m))
@@ -449,47 +582,13 @@ class MixedPrecision:
     def unscale_grads_to_master(self, scaler: DynamicLossScaler | None = None) -> bool:
         """Set each master's ``.grad`` to float32(model grad) / scale; return True if any value is inf or NaN.
 
-        One pass per gradient writes the float32 master gradient (``multiply``
-        with a float32 output; dividing by a power of two is exact), one sum per
-        gradient feeds the check (inf or NaN anywhere makes the sum inf or NaN;
-        a sum of finite values cannot overflow float32 here, each being at most
-        65504 / scale), and one device synchronisation reads the verdict for all
-        of them. A master whose model parameter has
-        no gradient gets ``.grad = None``. The model's gradients are not changed.
-
-        Float32 without loss scaling: nothing to do, returns False (never skips).
-        Float32 with an enabled scaler: the gradients are divided in place.
-        ``scaler`` defaults to this object's.
+        ``MasterWeights.grads_from_model`` with the scaler's inverse scale.
+        Float32 without loss scaling: nothing to do, returns False (never
+        skips). The model's gradients are not changed (float32 with an enabled
+        scaler: divided in place). ``scaler`` defaults to this object's.
         """
         scaler = self.scaler if scaler is None else scaler
-        if not self.copies and not scaler.enabled:
-            return False
-        inv = 1.0 / scaler.get_scale()
-        partial = []
-        xp = np
-        for name, p, m in self._pairs:
-            g = p.grad
-            if g is None:
-                m.grad = None
-                continue
-            if g.shape != p.shape:
-                raise ValueError(f"gradient of {name!r} has shape {g.shape}, but the parameter has shape {p.shape}")
-            xp = get_array_module(g)
-            with _quiet(xp):
-                if self.copies:
-                    buf = self._grad_buffers.get(name)
-                    if buf is None or backend.device_of(buf) != backend.device_of(g):
-                        buf = self._grad_buffers[name] = xp.empty(p.shape, dtype=self.master_dtype)
-                    xp.multiply(g, self.master_dtype.type(inv), out=buf, dtype=self.master_dtype)
-                    m.grad = buf
-                else:
-                    g *= inv  # a Python float keeps the gradient's dtype; the engine's grads own their memory
-                partial.append(m.grad.sum(dtype=np.promote_types(m.grad.dtype, np.float32)))
-        if not partial:
-            return False
-        with _quiet(xp):
-            total = xp.stack(partial).sum()
-            return not bool(xp.isfinite(total))  # the one synchronisation
+        return self.masters.grads_from_model(1.0 / scaler.get_scale() if scaler.enabled else 1.0)
 
     def copy_master_to_model(self):
         """Round each float32 master weight into its model parameter's compute-dtype array, in place.
@@ -497,17 +596,13 @@ class MixedPrecision:
         The Parameter objects and their ``.data`` arrays stay the same objects.
         A no-op in float32 (the masters are the parameters).
         """
-        if not self.copies:
-            return
-        for _, p, m in self._pairs:
-            p.data[...] = m.data  # cast on assignment (round to nearest even), into the existing array
+        self.masters.copy_to_model()
 
     def zero_grad(self):
         """Drop the gradients of the model's parameters and of the masters (``.grad = None``)."""
         for p in self.model.parameters():
             p.grad = None
-        for _, _, m in self._pairs:
-            m.grad = None
+        self.masters.zero_grad()
 
     def _check_optimizer(self, optimizer):
         """The optimizer must hold master parameters (checked once per optimizer)."""
@@ -515,7 +610,7 @@ class MixedPrecision:
             return
         if not hasattr(optimizer, "named_parameters") or not hasattr(optimizer, "step"):
             raise TypeError(f"step() needs an nn.optim optimizer, got {type(optimizer).__name__}")
-        masters = {id(m) for _, _, m in self._pairs}
+        masters = {id(m) for _, m in self.masters.named_parameters()}
         model_ids = {id(p) for p in self.model.parameters()}
         for name, p in optimizer.named_parameters():
             if id(p) not in masters:
@@ -570,10 +665,9 @@ class MixedPrecision:
         snapshot). In float32 "master" is empty: the model's own state_dict holds
         the weights. Save it next to the model's and the optimizer's state.
         """
-        master = OrderedDict((name, m.data) for name, _, m in self._pairs) if self.copies else OrderedDict()
         return {"precision": {"compute_dtype": self.precision.compute_dtype,
                               "master_dtype": self.precision.master_dtype},
-                "master": master, "scaler": self.scaler.state_dict()}
+                "master": self.masters.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict):
         """Restore the master weights and the scaler from ``state_dict()``, then copy the masters into the model.
@@ -594,32 +688,12 @@ class MixedPrecision:
             raise ValueError(f"the checkpoint was saved with precision {dict(saved)}, but this run uses {ours}: "
                              "resume with the same precision (to change it, load only the model and optimizer state "
                              "and build a fresh MixedPrecision)")
-        problems = []
-        master = state["master"]
-        names = [name for name, _, _ in self._pairs] if self.copies else []
-        missing = [n for n in names if n not in master]
-        unexpected = [n for n in master if n not in set(names)]
-        if missing:
-            problems.append(f"master weights missing from the checkpoint ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            problems.append(f"unexpected master weights ({len(unexpected)}): " + ", ".join(unexpected))
-        for name, _, m in (self._pairs if self.copies else []):
-            if name in master:
-                value = master[name]
-                value = value.data if isinstance(value, Tensor) else value
-                shape = tuple(np.shape(value))
-                if shape != tuple(m.shape):
-                    problems.append(f"master {name}: checkpoint shape {shape} vs parameter shape {tuple(m.shape)}")
-        if problems:
-            raise ValueError("MixedPrecision.load_state_dict failed:\n  " + "\n  ".join(problems))
         self._check_scaler_state(state["scaler"])
+        try:
+            self.masters.load_state_dict(state["master"])
+        except ValueError as e:
+            raise ValueError(f"MixedPrecision.load_state_dict failed: {e}") from None
         self.scaler.load_state_dict(state["scaler"])
-        for name, _, m in (self._pairs if self.copies else []):
-            value = master[name]
-            value = value.data if isinstance(value, Tensor) else value
-            value = backend.to_device(value if backend.is_array(value) else np.asarray(value), m.device)
-            m.data[...] = value.astype(self.master_dtype, copy=False)
-        self.copy_master_to_model()
 
     def _check_scaler_state(self, state):
         """Validate a scaler state without changing the scaler (so a failed load changes nothing)."""
@@ -629,8 +703,8 @@ class MixedPrecision:
 
     def __repr__(self):
         return (f"MixedPrecision(precision={self.precision.name}, compute_dtype={self.compute_dtype}, "
-                f"{len(self._pairs)} master parameters{' (shared with the model)' if not self.copies else ''}, "
+                f"{len(self.masters)} master parameters{' (shared with the model)' if not self.copies else ''}, "
                 f"scaler={self.scaler!r})")
 
 
-__all__ = ["Precision", "DynamicLossScaler", "MixedPrecision", "NonFiniteError", "bfloat16_dtype"]
+__all__ = ["Precision", "DynamicLossScaler", "MasterWeights", "MixedPrecision", "NonFiniteError", "bfloat16_dtype"]

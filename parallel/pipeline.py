@@ -2,7 +2,7 @@
 
 A pipeline splits a model's repeated blocks into contiguous runs, one per
 stage (one rank each); the model side of it, which modules a stage keeps and
-how its forward runs, belongs to the model (``llm.pipeline_stage.GPTStage``
+how its forward runs, belongs to the model (``llm.model.GPT.pipeline_stage``
 for the GPT). This module holds what does not depend on the model:
 
 - ``partition_balanced``: blocks per stage that minimise the largest stage's
@@ -13,8 +13,8 @@ for the GPT). This module holds what does not depend on the model:
   stages' state dicts put side by side are the model's state dict, and
   optimizer state (keyed by name) moves between layouts unchanged:
   ``gather_state`` collects the full model and optimizer state on rank 0 (one
-  checkpoint, whatever the layout), ``scatter_state`` and ``stage_state`` cut
-  a full state down to one stage of any other layout.
+  checkpoint, whatever the layout), and ``stage_optimizer_state`` cuts a full
+  optimizer state down to one stage of any other layout.
 
 Any ``nn.Module`` with a ``stage`` number works here; the executor
 (``parallel.pipeline_exec``) lists the few more attributes it reads.
@@ -108,16 +108,6 @@ def parse_counts(text: str | None):
 # ---------------------------------------------------------------------------
 
 
-def stage_state(stage, full_state: dict) -> dict:
-    """The entries of a full model state dict (name -> array) that ``stage`` holds (its own names)."""
-    names = list(stage.state_dict())
-    missing = [n for n in names if n not in full_state]
-    if missing:
-        raise ValueError(f"the state has no entry for {len(missing)} of stage {stage.stage}'s tensors: "
-                         + ", ".join(missing))
-    return {n: full_state[n] for n in names}
-
-
 def stage_optimizer_state(stage, full_opt_state: dict) -> dict:
     """An ``Optimizer.state_dict()`` of the whole model cut down to the parameters ``stage`` holds.
 
@@ -155,7 +145,7 @@ def merge_optimizer_states(parts: list, order: list | None = None) -> dict:
     return {"step": max(int(p.get("step", 0)) for p in parts), "state": state, "param_groups": groups}
 
 
-def gather_state(grid, stage, optimizer=None, root: int = 0, tensors: dict | None = None):
+def gather_state(grid, stage, optimizer=None, root: int = 0, tensors: dict | None = None, opt_state: dict | None = None):
     """Collect the whole model's state (and optimizer state) on world rank ``root`` (a collective call).
 
     ``grid``: the ``parallel.comm.Grid`` (dp x pp). The dp-rank-0 replica of
@@ -166,7 +156,8 @@ def gather_state(grid, stage, optimizer=None, root: int = 0, tensors: dict | Non
     an ``Optimizer.state_dict()`` over the full model (None without an
     optimizer). Other ranks get ``(None, None)``. ``tensors``: the arrays to
     send instead of ``stage.state_dict()`` (e.g. float32 master weights under
-    the same names).
+    the same names); ``opt_state``: the optimizer state to send instead of
+    ``optimizer.state_dict()`` (e.g. ZeRO's, gathered over the replicas).
     """
     world = grid.world
 
@@ -174,8 +165,8 @@ def gather_state(grid, stage, optimizer=None, root: int = 0, tensors: dict | Non
         source = stage.state_dict() if tensors is None else tensors
         ms = {n: backend.to_device(v.data if isinstance(v, Tensor) else v, "cpu").copy() for n, v in source.items()}
         os_ = None
-        if optimizer is not None:
-            sd = optimizer.state_dict()
+        if optimizer is not None or opt_state is not None:
+            sd = optimizer.state_dict() if opt_state is None else opt_state
             os_ = {"step": sd["step"], "param_groups": sd["param_groups"],
                    "state": {n: {k: (backend.to_device(v, "cpu").copy() if backend.is_array(v) else v)
                                  for k, v in entry.items()} for n, entry in sd["state"].items()}}
@@ -197,45 +188,10 @@ def gather_state(grid, stage, optimizer=None, root: int = 0, tensors: dict | Non
     for ms, _ in parts:
         for n, v in ms.items():
             model_state.setdefault(n, v)
-    opt_state = None
-    if optimizer is not None:
-        opt_state = merge_optimizer_states([o for _, o in parts], order=list(model_state))
-    return model_state, opt_state
-
-
-def scatter_state(grid, stage, model_state=None, opt_state=None, root: int = 0):
-    """The inverse of ``gather_state``: world rank ``root`` holds a full model state (and optimizer state);
-    every rank gets the part its ``stage`` holds. Returns ``(stage_model_state, stage_opt_state or None)``.
-
-    A collective call; any layout works (the full state knows nothing of the
-    one it was saved from). Each rank announces the names it needs; ``root``
-    sends each rank exactly those arrays.
-    """
-    world = grid.world
-    names = list(stage.state_dict())
-    param_names = [n for n, _ in stage.named_parameters()]
-    wanted = world.allgather((names, param_names)) if world.size > 1 else [(names, param_names)]
-    has_opt = world.bcast(opt_state is not None if world.rank == root else None, root=root) \
-        if world.size > 1 else opt_state is not None
-    tag = 7_701
-    if world.rank == root:
-        missing = sorted({n for ns, _ in wanted for n in ns if n not in model_state})
-        if world.size > 1:
-            world.bcast(missing, root=root)
-        if missing:
-            raise ValueError(f"the full state lacks {len(missing)} tensor(s) a stage needs: " + ", ".join(missing))
-        mine = None
-        for r, (ns, pns) in enumerate(wanted):
-            part = ({n: model_state[n] for n in ns}, _cut_opt(opt_state, pns) if has_opt else None)
-            if r == root:
-                mine = part
-            else:
-                world.send(part, dest=r, tag=tag)
-        return mine
-    missing = world.bcast(None, root=root)
-    if missing:
-        raise ValueError(f"the full state lacks {len(missing)} tensor(s) a stage needs: " + ", ".join(missing))
-    return world.recv(source=root, tag=tag)
+    merged = None
+    if optimizer is not None or opt_state is not None:
+        merged = merge_optimizer_states([o for _, o in parts], order=list(model_state))
+    return model_state, merged
 
 
 def _cut_opt(full_opt_state: dict, names) -> dict:
@@ -249,5 +205,5 @@ def _cut_opt(full_opt_state: dict, names) -> dict:
     return {"step": full_opt_state.get("step", 0), "state": state, "param_groups": groups}
 
 
-__all__ = ["check_counts", "partition_balanced", "parse_counts", "stage_state", "stage_optimizer_state",
-           "merge_optimizer_states", "gather_state", "scatter_state"]
+__all__ = ["check_counts", "partition_balanced", "parse_counts", "stage_optimizer_state", "merge_optimizer_states",
+           "gather_state"]

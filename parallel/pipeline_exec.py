@@ -1,15 +1,26 @@
 """Pipeline parallelism, the MPI side: execute a stage's instruction list, then sync gradients.
 
     grid = make_grid(get_world(), dp, pp)                    # world rank = stage * dp + dp_rank
-    stage = build_stage(config, grid.stage, pp, generator=np.random.default_rng(seed))  # llm.pipeline_stage
+    stage = model.pipeline_stage(grid.stage, layout)          # a GPT that holds its blocks (llm.model)
     pipe = PipelineExecutor(stage, grid, n_micro=4, schedule="1f1b")
     opt = nn.optim.AdamW(nn.optim.param_groups_for_gpt(stage, 0.1), lr=1e-3)
     for step in ...:
-        micro = split_micro_batches(x, y, 4)                # this replica's batch, on every stage
-        result = pipe.step(micro)                            # forward + backward of all micro-batches, grads synced
+        micro = split_rows(batch, 4)                         # this replica's batch, on every stage
+        result = pipe.step(micro, loss_fn, inputs_fn, count_fn)   # forward + backward of all of them, grads synced
         pipe.clip_grad_norm_(1.0)                            # the global norm over all stages
         opt.step(); opt.zero_grad()
         rank0_print(result.loss)                             # the global batch's mean loss, on every rank
+
+One process is the one-stage, one-replica case of the same code (a size-1
+``Grid``): the schedule is then forward, backward for each micro-batch, and
+nothing travels.
+
+A batch is a dict of arrays that share their first axis (rows), e.g.
+``{"input_ids": (B, T), "labels": (B, T)}``; the caller says how to read it:
+``inputs_fn(batch)`` is what the first stage takes (token ids), ``count_fn(batch)``
+the number of terms its loss averages over (known before the forward, so every
+micro-batch can be divided by the global count), and ``loss_fn(output, batch)``
+turns the last stage's output into ``(summed loss, count)``.
 
 What ``step`` does:
 
@@ -23,23 +34,24 @@ What ``step`` does:
    activation is a leaf Tensor with ``requires_grad=True``); the backward of i
    calls ``out.backward(grad)`` with the received gradient (the last stage:
    ``loss.backward()``), then sends the input's ``.grad`` upstream.
-3. The last stage's loss for micro-batch i is ``sum of token losses / N`` with
-   ``N`` the number of target tokens in the *global* batch (all micro-batches,
-   all data-parallel replicas), so the summed gradients equal those of one
-   process on the whole batch.
+3. The last stage's loss for micro-batch i is ``loss_fn``'s sum divided by ``N``,
+   the ``count_fn`` total of the *global* batch (all micro-batches, all
+   data-parallel replicas), so the summed gradients equal those of one process
+   on the whole batch, however the counts fall between ranks (masked tokens).
 4. Gradients are summed over the data-parallel group (``DataParallel`` with
    ``reduction="sum"`` over ``grid.dp_comm``: the backward of the last
    micro-batch starts the bucket all-reduces, the earlier ones run in
-   ``no_sync``), then, with tied embeddings, the ``wte`` gradients of the first
-   and last stage are summed (one message each way), so both copies stay equal.
+   ``no_sync``; ``reduce_grads=False`` leaves that to ZeRO's reduce-scatter),
+   then, with tied embeddings, the ``wte`` gradients of the first and last
+   stage are summed (one message each way), so both copies stay equal.
 
-The stage is any ``nn.Module`` with the attributes below (``llm.pipeline_stage.GPTStage``
-is the GPT's; this module imports no model):
+The stage is any ``nn.Module`` with the attributes below (a GPT and its
+``pipeline_stage`` parts have them; this module imports no model):
 
 - ``stage``, ``n_stages``, ``is_first``, ``is_last``: its place in the pipeline;
-- ``forward(x, targets=None, n_tokens=None)``: token ids (first stage) or the
-  previous stage's activation Tensor in; the activation out, or on the last
-  stage with ``targets`` the loss summed over tokens and divided by ``n_tokens``;
+- ``forward(x)``: token ids (first stage) or the previous stage's activation
+  Tensor in; the activation out, or on the last stage the model's output
+  (``loss_fn`` reads it; a ``(logits, loss)`` pair is taken as the logits);
 - ``activation_shape(ids_shape)``, ``activation_dtype``, ``device``: what
   travels between stages, to post receives ahead of time;
 - ``tied_weight``: ``(name, Parameter)`` of a weight the first and last stage
@@ -65,7 +77,7 @@ from autograd.tensor import Tensor
 
 from . import schedule as sch
 from .comm import Communicator, Grid
-from .ddp import DataParallel
+from .ddp import DataParallel, broadcast_module, check_replicas_agree
 
 #: what a stage module must have (see the module docstring)
 STAGE_ATTRIBUTES = ("stage", "n_stages", "is_first", "is_last", "forward", "activation_shape", "activation_dtype",
@@ -101,14 +113,27 @@ class StepResult:
         return 1.0 - self.busy_s / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def split_micro_batches(x, y, n_micro: int) -> list:
-    """Split a batch ``(x, y)`` of shape ``(B, T)`` into ``n_micro`` equal micro-batches along B."""
-    B = x.shape[0]
-    if n_micro < 1 or B % n_micro:
-        raise ValueError(f"a batch of {B} sequences cannot be split into {n_micro} equal micro-batches: "
+def split_rows(batch: dict, n: int) -> list:
+    """Split a batch (a dict of arrays with a common first axis) into ``n`` equal parts along that axis."""
+    rows = batch_rows(batch)
+    if n < 1 or rows % n:
+        raise ValueError(f"a batch of {rows} rows cannot be split into {n} equal micro-batches: "
                          f"choose a batch size divisible by the number of micro-batches")
-    b = B // n_micro
-    return [(x[k * b:(k + 1) * b], y[k * b:(k + 1) * b]) for k in range(n_micro)]
+    b = rows // n
+    return [{k: v[i * b:(i + 1) * b] for k, v in batch.items()} for i in range(n)]
+
+
+def batch_rows(batch: dict) -> int:
+    """The number of rows of a batch (a dict of arrays with a common first axis); ValueError if they differ."""
+    sizes = {k: int(v.shape[0]) for k, v in batch.items()}
+    if not sizes or len(set(sizes.values())) != 1:
+        raise ValueError(f"a batch is a dict of arrays with the same number of rows, got {sizes}")
+    return next(iter(sizes.values()))
+
+
+def _logits(output):
+    """The logits of a model's output: the output itself, or the first of a ``(logits, loss)`` pair."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 class PipelineExecutor:
@@ -123,17 +148,17 @@ class PipelineExecutor:
     """
 
     def __init__(self, stage, grid, n_micro: int, schedule: str = "1f1b", bucket_mb: float = 25.0,
-                 recv_lookahead: int = 2):
+                 recv_lookahead: int = 2, reduce_grads: bool = True):
         if isinstance(grid, Communicator):
             grid = Grid(grid, 1, grid.size, 0, grid.rank, Communicator(), grid)
         missing = [a for a in STAGE_ATTRIBUTES if not hasattr(stage, a)]
         if missing:
-            raise TypeError(f"PipelineExecutor needs a pipeline stage module (llm.pipeline_stage.GPTStage, or one with "
+            raise TypeError(f"PipelineExecutor needs a pipeline stage module (a GPT or its pipeline_stage(), or one with "
                             f"the attributes in parallel.pipeline_exec's docstring); {type(stage).__name__} lacks "
                             f"{', '.join(missing)}")
         if stage.n_stages != grid.pp or stage.stage != grid.stage:
             raise ValueError(f"this rank is stage {grid.stage} of {grid.pp}, but its module is stage {stage.stage} of "
-                             f"{stage.n_stages}: build the stage with llm.pipeline_stage.build_stage(config, grid.stage, grid.pp)")
+                             f"{stage.n_stages}: take the stage with model.pipeline_stage(grid.stage, layout)")
         if recv_lookahead < 1:
             raise ValueError(f"recv_lookahead must be >= 1, got {recv_lookahead}")
         self.stage, self.grid = stage, grid
@@ -141,8 +166,13 @@ class PipelineExecutor:
         self.n_micro, self.schedule = int(n_micro), schedule
         self.instructions = sch.stage_schedule(schedule, grid.stage, grid.pp, self.n_micro)
         self.recv_lookahead = int(recv_lookahead)
-        self.ddp = DataParallel(stage, self.dp_comm, bucket_mb=bucket_mb, reduction="sum") \
-            if self.dp_comm.size > 1 else None
+        self.ddp = None
+        if self.dp_comm.size > 1:
+            if reduce_grads:  # checks the replicas agree and takes dp-rank 0's weights
+                self.ddp = DataParallel(stage, self.dp_comm, bucket_mb=bucket_mb, reduction="sum")
+            else:  # the gradients are reduced by the caller (ZeRO's reduce-scatter): the weights still start equal
+                check_replicas_agree(self.dp_comm, stage)
+                broadcast_module(self.dp_comm, stage, root=0)
         self._sync_tied_initial()
 
     # -- tied embeddings ---------------------------------------------------------------
@@ -187,27 +217,29 @@ class PipelineExecutor:
         w.grad = mine + theirs if self.stage.is_first else theirs + mine
 
     # -- one step ------------------------------------------------------------------------
-    def step(self, micro_batches: list, n_tokens: int | None = None, loss_scale: float = 1.0) -> StepResult:
+    def step(self, micro_batches: list, loss_fn, inputs_fn, count_fn, loss_scale: float = 1.0) -> StepResult:
         """Forward and backward of every micro-batch by the schedule; gradients summed over dp and tied copies.
 
-        ``micro_batches``: ``[(x, y), ...]``, ``n_micro`` of them, this replica's,
-        on every stage (the first stage reads ``x``, the last ``y``, every stage
-        the shapes). ``n_tokens``: the loss normaliser, the number of target
-        tokens (not ``-100``) of the global batch over all replicas; None counts
-        them (an all-reduce over the data-parallel group). ``loss_scale``: the
-        last stage back-propagates ``loss * loss_scale`` (mixed precision).
-        Every rank of the grid must call it (it is a collective call).
+        ``micro_batches``: ``n_micro`` batches (dicts of arrays, see the module
+        docstring), this replica's, on every stage (the first stage reads
+        ``inputs_fn(batch)``, the last gives its output to ``loss_fn``, every
+        stage needs the shapes). Each micro-batch's summed loss is divided by
+        the global ``count_fn`` total over all micro-batches and replicas
+        before its backward. ``loss_scale``: the last stage back-propagates
+        ``loss * loss_scale`` (mixed precision). Every rank of the grid must
+        call it (a collective call).
         """
         if len(micro_batches) != self.n_micro:
             raise ValueError(f"the executor runs {self.n_micro} micro-batches per step, got {len(micro_batches)}")
         stage, comm = self.stage, self.pp_comm
         s, p = stage.stage, stage.n_stages
-        if stage.is_last and n_tokens is None:
-            local = sum(int((backend.to_device(y, "cpu") != -100).sum()) for _, y in micro_batches)
-            n_tokens = int(self.dp_comm.allreduce(local, op="sum"))
+        n_total = None
+        if stage.is_last:
+            local = sum(int(count_fn(b)) for b in micro_batches)
+            n_total = int(self.dp_comm.allreduce(local, op="sum")) if self.dp_comm.size > 1 else local
         dtype = stage.activation_dtype
         xp = get_array_module(next(iter(stage.parameters())).data)
-        shapes = [stage.activation_shape(x.shape) for x, _ in micro_batches]
+        shapes = [stage.activation_shape(inputs_fn(b).shape) for b in micro_batches]
 
         # receives: posted ahead, per direction, in the order the list consumes them
         pending = {sch.RECV_FWD: [i for op, i in self.instructions if op == sch.RECV_FWD],
@@ -222,8 +254,9 @@ class PipelineExecutor:
                 src, tag = (s - 1, 2 * i) if kind == sch.RECV_FWD else (s + 1, 2 * i + 1)
                 posted[(kind, i)] = (comm.irecv(buf, source=src, tag=tag), buf)
 
-        top_up(sch.RECV_FWD)
-        top_up(sch.RECV_BWD)
+        if p > 1:
+            top_up(sch.RECV_FWD)
+            top_up(sch.RECV_BWD)
 
         received = {}  # (kind, i) -> array
         live = {}  # i -> (input tensor or None, output tensor): the forward graphs kept for backward
@@ -232,7 +265,7 @@ class PipelineExecutor:
         losses = []
         peak = 0
         fwd_s = bwd_s = 0.0
-        n_backward = sum(1 for op, _ in self.instructions if op == sch.BACKWARD)
+        n_backward = self.n_micro
         done_backward = 0
         t_start = time.perf_counter()
         for op, i in self.instructions:
@@ -244,17 +277,21 @@ class PipelineExecutor:
                 top_up(op)
             elif op == sch.FORWARD:
                 t0 = time.perf_counter()
-                x, y = micro_batches[i]
+                batch = micro_batches[i]
                 if stage.is_first:
-                    inp, arg = None, x
+                    inp, arg = None, inputs_fn(batch)
                 else:
                     inp = Tensor(received.pop((sch.RECV_FWD, i)), requires_grad=True)
                     arg = inp
+                out = stage(arg)
                 if stage.is_last:
-                    out = stage(arg, targets=y, n_tokens=n_tokens)
-                    losses.append(out.data)
-                else:
-                    out = stage(arg)
+                    total, count = loss_fn(_logits(out), batch)
+                    expected = int(count_fn(batch))
+                    if int(count) != expected:
+                        raise ValueError(f"the loss of micro-batch {i} averages over {int(count)} terms, but count_fn "
+                                         f"says {expected}: a job's loss and count must agree")
+                    out = total / max(n_total, 1)  # a Python int keeps the dtype
+                    losses.append(total.data)
                 live[i] = (inp, out)
                 peak = max(peak, len(live))
                 fwd_s += time.perf_counter() - t0
@@ -293,15 +330,13 @@ class PipelineExecutor:
 
         # the loss: the last stage's sum over micro-batches, summed over replicas, sent to every stage
         local = float(sum(float(backend.to_device(v, "cpu")) for v in losses)) if losses else 0.0
-        if stage.is_last:
-            local = self.dp_comm.allreduce(local, op="sum") if self.dp_comm.size > 1 else local
+        if stage.is_last and self.dp_comm.size > 1:
+            local = self.dp_comm.allreduce(local, op="sum")
         if p > 1:
-            local, n_tokens = comm.bcast((local, n_tokens) if stage.is_last else None, root=p - 1)
-        loss, n_tok = local, n_tokens
-        if not n_tok:
-            loss = math.nan
+            local, n_total = comm.bcast((local, n_total) if stage.is_last else None, root=p - 1)
+        loss = local / n_total if n_total else math.nan
         return StepResult(loss=float(loss), peak_activations=peak, busy_s=fwd_s + bwd_s, wall_s=wall,
-                          n_tokens=int(n_tok or 0), forward_s=fwd_s, backward_s=bwd_s)
+                          n_tokens=int(n_total or 0), forward_s=fwd_s, backward_s=bwd_s)
 
     # -- after the step ------------------------------------------------------------------
     def grad_norm(self) -> float:
@@ -323,14 +358,15 @@ class PipelineExecutor:
         return (self.stage.tied_weight[0],) if self.stage.holds_tied_copy else ()
 
     # -- evaluation --------------------------------------------------------------------
-    def eval_loss(self, batches) -> float:
-        """The mean loss per target token over the global ``batches`` (``(x, y)`` pairs), forward only; collective.
+    def eval_loss(self, batches, loss_fn, inputs_fn) -> tuple[float, int]:
+        """``(summed loss, count)`` over the global ``batches``, forward only, in eval mode; a collective call.
 
-        Every rank passes the same batches; each data-parallel replica takes
-        its share of every batch's rows (``np.array_split``; a replica whose
-        share is empty skips that batch). No graph is recorded; the stages pass
-        activations along as in a forward, and the last stage sums the token
-        losses. Sums and counts are added over the replicas: every rank gets the mean.
+        Every rank passes the same batches (dicts of arrays); each data-parallel
+        replica takes its share of every batch's rows (``np.array_split``; a
+        replica whose share is empty skips that batch). No graph is recorded;
+        the stages pass activations along as in a forward, and the last stage
+        adds up ``loss_fn``'s sums and counts. Both are added over the replicas:
+        every rank gets the totals (the mean is their ratio).
         """
         from autograd.engine import no_grad
 
@@ -342,24 +378,23 @@ class PipelineExecutor:
         stage.eval()
         try:
             with no_grad():
-                for i, (x, y) in enumerate(batches):
-                    rows = np.array_split(np.arange(x.shape[0]), self.dp_comm.size)[self.dp_comm.rank]
+                for i, batch in enumerate(batches):
+                    rows = np.array_split(np.arange(batch_rows(batch)), self.dp_comm.size)[self.dp_comm.rank]
                     if rows.size == 0:
                         continue
-                    x, y = x[rows[0]:rows[-1] + 1], y[rows[0]:rows[-1] + 1]
+                    batch = {k: v[rows[0]:rows[-1] + 1] for k, v in batch.items()}
                     if stage.is_first:
-                        inp = x
+                        inp = inputs_fn(batch)
                     else:
                         xp = get_array_module(next(iter(stage.parameters())).data)
-                        buf = xp.empty(stage.activation_shape(x.shape), dtype=stage.activation_dtype)
+                        buf = xp.empty(stage.activation_shape(inputs_fn(batch).shape), dtype=stage.activation_dtype)
                         inp = Tensor(comm.recv(buf, source=s - 1, tag=2 * i))
+                    out = stage(inp)
                     if stage.is_last:
-                        n = int((backend.to_device(y, "cpu") != -100).sum())
-                        loss = stage(inp, targets=y, n_tokens=1)  # the sum of the token losses
+                        loss, n = loss_fn(_logits(out), batch)
                         total += float(backend.to_device(loss.data, "cpu"))
-                        count += n
+                        count += int(n)
                     else:
-                        out = stage(inp)
                         sends.append(comm.isend(get_array_module(out.data).ascontiguousarray(out.data),
                                                 dest=s + 1, tag=2 * i))
                     # keep at most a few sends in flight
@@ -374,7 +409,7 @@ class PipelineExecutor:
             count = self.dp_comm.allreduce(count, op="sum")
         if stage.n_stages > 1:
             total, count = comm.bcast((total, count) if stage.is_last else None, root=stage.n_stages - 1)
-        return total / count if count else math.nan
+        return total, count
 
 
 def global_grad_norm(named_params, comm: Communicator, exclude=()) -> float:
@@ -414,5 +449,5 @@ def clip_grad_norm_global_(named_params, max_norm: float, comm: Communicator, ex
     return norm
 
 
-__all__ = ["PipelineExecutor", "StepResult", "split_micro_batches", "global_grad_norm", "clip_grad_norm_global_",
+__all__ = ["PipelineExecutor", "StepResult", "split_rows", "batch_rows", "global_grad_norm", "clip_grad_norm_global_",
            "TIED_GRAD_TAG"]

@@ -20,7 +20,7 @@ import autograd
 import nn
 from autograd.backend import to_device
 from nn.amp import DynamicLossScaler, MixedPrecision
-from parallel import (Communicator, DataParallel, FlatLayout, ZeroAdamW, abort_on_error, agree_found_inf,
+from parallel import (Communicator, DataParallel, FlatLayout, ShardedMasters, abort_on_error, agree_found_inf,
                       assign_buckets, check_replicas_agree, global_token_count, install_excepthook, is_rank0,
                       make_grid, rank0_print)
 from parallel import comm as comm_mod
@@ -231,7 +231,7 @@ def test_flat_layout_group_mask():
 
 
 # ---------------------------------------------------------------------------
-# DataParallel and ZeroAdamW at world size 1
+# DataParallel and ShardedMasters (ZeRO-1) at world size 1
 # ---------------------------------------------------------------------------
 
 
@@ -267,62 +267,70 @@ def test_check_replicas_agree_single_rank(solo):
     check_replicas_agree(solo, _model(0))  # nothing to compare with: passes
 
 
+def _zero(model, solo, precision, scaler=None):
+    """MixedPrecision over ZeRO's sharded masters (one shard: the whole model) and an AdamW over them."""
+    dtype = np.float64 if precision == "fp64" else np.float32
+    mp = MixedPrecision(model, precision, scaler=scaler, masters=ShardedMasters(model.named_parameters(), solo, dtype))
+    return mp, nn.optim.AdamW(mp.param_groups_for_gpt(0.1), lr=1e-2)
+
+
 def test_zero_world_size_one_equals_adamw(solo):
     ref, model = _model(0), _model(0)
     ref_opt = nn.optim.AdamW(nn.optim.param_groups_for_gpt(ref, 0.1), lr=1e-2)
-    opt = ZeroAdamW(nn.optim.param_groups_for_gpt(model, 0.1), solo, lr=1e-2)
+    mp, opt = _zero(model, solo, "fp64")
     for step in range(3):
         x, y = _batch(step)
-        for m, o in ((ref, ref_opt), (model, opt)):
-            autograd.cross_entropy(m(autograd.Tensor(x)), y).backward()
-            o.step()
-            o.zero_grad()
+        autograd.cross_entropy(ref(autograd.Tensor(x)), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        mp.backward(autograd.cross_entropy(model(autograd.Tensor(x)), y))
+        assert mp.step(opt)
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         assert np.array_equal(p.data, q.data), n  # same arithmetic, same order: bitwise equal
     n = sum(p.size for p in model.parameters())
-    assert opt.state_bytes() == 2 * 8 * n
+    assert mp.masters.state_bytes() == 8 * n
+    assert sum(a.nbytes for st in opt.state.values() for k, a in st.items() if k != "step") == 2 * 8 * n
     # the gathered state is AdamW's format: a plain AdamW loads it and continues identically
-    sd = opt.state_dict()
+    groups = [[name for name, _ in g["params"]] for g in nn.optim.param_groups_for_gpt(model, 0.1)]
+    sd = mp.masters.optimizer_state(opt, groups)
     other = _model(0)
     other.load_state_dict({k: v for k, v in model.state_dict().items()})
     other_opt = nn.optim.AdamW(nn.optim.param_groups_for_gpt(other, 0.1), lr=1e-2)
     other_opt.load_state_dict(sd)
     x, y = _batch(9)
-    for m, o in ((model, opt), (other, other_opt)):
-        autograd.cross_entropy(m(autograd.Tensor(x)), y).backward()
-        o.step()
-        o.zero_grad()
+    mp.backward(autograd.cross_entropy(model(autograd.Tensor(x)), y))
+    mp.step(opt)
+    autograd.cross_entropy(other(autograd.Tensor(x)), y).backward()
+    other_opt.step()
     for (n, p), (_, q) in zip(model.named_parameters(), other.named_parameters()):
         assert np.array_equal(p.data, q.data), n
 
 
 def test_zero_float16_compute_matches_mixed_precision(solo):
     ref, model = _model(0, np.float32), _model(0, np.float32)
-    mp = MixedPrecision(ref, "fp16", scaler=DynamicLossScaler(init_scale=2.0 ** 8))
-    ref_opt = nn.optim.AdamW(mp.param_groups_for_gpt(0.1), lr=1e-2)
-    opt = ZeroAdamW(nn.optim.param_groups_for_gpt(model, 0.1), solo, lr=1e-2, compute_dtype="float16")
-    scaler = DynamicLossScaler(init_scale=2.0 ** 8)
+    mp_ref = MixedPrecision(ref, "fp16", scaler=DynamicLossScaler(init_scale=2.0 ** 8))
+    ref_opt = nn.optim.AdamW(mp_ref.param_groups_for_gpt(0.1), lr=1e-2)
+    mp, opt = _zero(model, solo, "fp16", scaler=DynamicLossScaler(init_scale=2.0 ** 8))
     for step in range(3):
         x, y = _batch(step)
         x = x.astype(np.float16)
-        mp.backward(autograd.cross_entropy(ref(autograd.Tensor(x)), y))
-        assert mp.step(ref_opt)
-        scaler.scale(autograd.cross_entropy(model(autograd.Tensor(x)), y)).backward()
-        assert opt.step(scaler=scaler)
-        opt.zero_grad()
-    masters = opt.state_dict()["master"]
-    for name, m in mp.master_named_parameters():
+        mp_ref.backward(autograd.cross_entropy(ref(autograd.Tensor(x)), y))
+        assert mp_ref.step(ref_opt)
+        mp.backward(autograd.cross_entropy(model(autograd.Tensor(x)), y))
+        assert mp.step(opt)
+    masters = mp.masters.state_dict()
+    for name, m in mp_ref.master_named_parameters():
         assert np.array_equal(masters[name], m.data), name  # no clipping: identical arithmetic
     for p, q in zip(model.parameters(), ref.parameters()):
         assert p.dtype == np.float16 and np.array_equal(p.data, q.data)
-    assert opt.state_bytes() == 3 * 4 * sum(p.size for p in model.parameters())
+    assert mp.masters.state_bytes() == 4 * sum(p.size for p in model.parameters())
 
 
 def test_zero_rejects_mixed_dtypes(solo):
     a = nn.Parameter(np.zeros(3, dtype=np.float32))
     b = nn.Parameter(np.zeros(3, dtype=np.float64))
     with pytest.raises(TypeError, match="one dtype"):
-        ZeroAdamW([("a", a), ("b", b)], solo)
+        ShardedMasters([("a", a), ("b", b)], solo)
 
 
 # ---------------------------------------------------------------------------

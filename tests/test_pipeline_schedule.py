@@ -17,10 +17,10 @@ import nn
 from llm.model import GPT, GPTConfig, get_preset
 from parallel import Communicator, make_grid
 from parallel import schedule as sch
-from llm.pipeline_stage import GPTStage, build_stage, stage_layout
+from llm.trainer import Job, stage_layout
 from parallel.pipeline import (check_counts, gather_state, merge_optimizer_states, parse_counts, partition_balanced,
-                               stage_optimizer_state, stage_state)
-from parallel.pipeline_exec import PipelineExecutor, split_micro_batches
+                               stage_optimizer_state)
+from parallel.pipeline_exec import PipelineExecutor, split_rows
 
 CASES = [(kind, p, k * p) for kind in sch.SCHEDULES for p in (2, 4) for k in (1, 2, 4)]
 
@@ -223,7 +223,7 @@ def test_stages_chained_equal_the_model(tie, kw, rng):
     ref = {n: p.grad for n, p in model.named_parameters()}
 
     layout = stage_layout(c, 3, counts=[1, 2, 1])
-    stages = [GPTStage(GPT(c, generator=np.random.default_rng(0), dtype=np.float64), s, layout) for s in range(3)]
+    stages = [GPT(c, generator=np.random.default_rng(0), dtype=np.float64).pipeline_stage(s, layout) for s in range(3)]
     names = [n for st in stages for n in st.state_dict()]
     full = list(model.state_dict())
     assert [n for n in dict.fromkeys(names)] == full  # stage by stage: the full model's names, in its order
@@ -234,7 +234,7 @@ def test_stages_chained_equal_the_model(tie, kw, rng):
     h = x
     for st in stages:
         inp = h if st.is_first else autograd.Tensor(h.data, requires_grad=True)
-        out = st(inp, targets=y) if st.is_last else st(inp)
+        out = st(inp, targets=y)[1] if st.is_last else st(inp)  # the last stage: (logits, loss)
         inputs.append(inp)
         outputs.append(out)
         h = out
@@ -263,16 +263,17 @@ def test_executor_one_stage_accumulates_micro_batches(schedule, rng):
     _, loss = model(x, targets=y)
     loss.backward()
     grid = make_grid(Communicator(), 1, 1)
-    stage = build_stage(c, 0, 1, generator=np.random.default_rng(0), dtype=np.float64)
+    stage = GPT(c, generator=np.random.default_rng(0), dtype=np.float64)  # the whole model: the one-stage case
     pipe = PipelineExecutor(stage, grid, n_micro=3, schedule=schedule)
-    result = pipe.step(split_micro_batches(x, y, 3))
+    job = Job()
+    result = pipe.step(split_rows({"input_ids": x, "labels": y}, 3), job.loss, job.inputs, job.count)
     assert result.loss == pytest.approx(float(loss.data), rel=1e-12)
     assert result.peak_activations == (3 if schedule == "gpipe" else 1)
     assert result.n_tokens == 5 * c.block_size
     for n, p in stage.named_parameters():
         np.testing.assert_allclose(p.grad, dict(model.named_parameters())[n].grad, rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="cannot be split into 4 equal micro-batches"):
-        split_micro_batches(x, y, 4)
+        split_rows({"input_ids": x, "labels": y}, 4)
 
 
 def test_state_moves_between_layouts():
@@ -284,15 +285,14 @@ def test_state_moves_between_layouts():
     loss.backward()
     opt.step()
     grid = make_grid(Communicator(), 1, 1)
-    whole = GPTStage(model, 0, stage_layout(c, 1))
-    full_state, full_opt = gather_state(grid, whole, opt)
+    full_state, full_opt = gather_state(grid, model, opt)
     assert list(full_state) == list(model.state_dict())
 
     layout = stage_layout(c, 2)
     parts, opts = [], []
     for s in range(2):
-        st = GPTStage(GPT(c, generator=np.random.default_rng(1), dtype=np.float64), s, layout)
-        st.load_state_dict(stage_state(st, full_state))
+        st = GPT(c, generator=np.random.default_rng(1), dtype=np.float64).pipeline_stage(s, layout)
+        st.load_state_dict({n: full_state[n] for n in st.state_dict()})
         o = nn.optim.AdamW(nn.optim.param_groups_for_gpt(st, 0.1), lr=1e-2)
         o.load_state_dict(stage_optimizer_state(st, full_opt))
         parts.append(st)

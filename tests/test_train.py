@@ -1,4 +1,4 @@
-"""Tests for `python -m llm train` (llm.train, llm.trainer_state, llm.train_data).
+"""Tests for `python -m llm train` (llm.train, llm.trainer, llm.train_data).
 
 Every run is a tiny GPT (2 layers, 32 wide, block 16) on a small generated corpus, called
 in-process through ``main(argv)``; the tokenizer and the token shards are built once per module
@@ -20,7 +20,9 @@ from llm import train as train_mod
 from llm.checkpoint import load_checkpoint, load_model
 from llm.data import BatchSampler
 from llm.model import GPT, get_preset
-from llm.trainer_state import MetricsWriter, TrainingCheckpoint, measure_matmul_flops, read_metrics, step_seed
+from llm.trainer import Job, Layout, MetricsWriter, TrainingCheckpoint, measure_matmul_flops, read_metrics, step_seed
+from llm.trainer import trainer as trainer_mod
+from parallel import get_world
 
 SUBJECTS = "the cat|a dog|my friend|the old king|a young girl|the sailor|our neighbour".split("|")
 VERBS = "sees|likes|finds|follows|remembers|greets".split("|")
@@ -48,7 +50,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def fast_flops(monkeypatch):
     """The MFU denominator, measured for ~0.5 s per run otherwise."""
-    monkeypatch.setattr(train_mod, "measure_matmul_flops", lambda device="cpu", n=512, seconds=0.5: 1e10)
+    monkeypatch.setattr(trainer_mod, "measure_matmul_flops", lambda device="cpu", n=512, seconds=0.5: 1e10)
 
 
 def argv(corpus, out_dir, *extra, steps=6):
@@ -67,8 +69,8 @@ class Crash(RuntimeError):
 
 
 def crash_at_call(monkeypatch, n, exc):
-    """Make the n-th call of train_step (1-based) raise ``exc`` before doing anything."""
-    real = train_mod.train_step
+    """Make the n-th training step (1-based) raise ``exc`` before doing anything."""
+    real = Layout.step
     calls = {"n": 0}
 
     def wrapper(*a, **k):
@@ -77,7 +79,16 @@ def crash_at_call(monkeypatch, n, exc):
             raise exc
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "train_step", wrapper)
+    monkeypatch.setattr(Layout, "step", wrapper)
+
+
+def one_process_step(model, precision, batches, optimizer="sgd", grad_clip=None):
+    """One optimizer step of ``model`` through the trainer's layout in one process; ``batches``: (x, y) pairs,
+    one per micro-batch."""
+    layout = Layout.build(model, get_world(), precision=precision, n_micro=len(batches))
+    opt = nn.optim.SGD(layout.mp.master_named_parameters(), lr=1.0)
+    batch = {"input_ids": np.concatenate([x for x, _ in batches]), "labels": np.concatenate([y for _, y in batches])}
+    return layout.step(Job(), opt, batch, len(batches), grad_clip)
 
 
 # ---------------------------------------------------------------------------
@@ -140,9 +151,7 @@ def test_grad_accumulation_averages_the_micro_batch_gradients():
     params = []
     for batches in ([(x, y)], [(x[:2], y[:2]), (x[2:], y[2:])]):
         model = GPT(cfg, generator=np.random.default_rng(1))
-        mp = nn.amp.MixedPrecision(model, "fp32")
-        opt = nn.optim.SGD(mp.master_named_parameters(), lr=1.0)
-        res = train_mod.train_step(model, mp, opt, batches, grad_clip=None)
+        res = one_process_step(model, "fp32", batches)
         params.append({k: v.copy() for k, v in model.state_dict().items()})
         assert not res.skipped and res.grad_norm > 0
     full, halves = params
@@ -155,9 +164,7 @@ def test_grad_clip_bounds_the_update():
     x = np.random.default_rng(0).integers(0, 50, (2, 8))
     model = GPT(cfg, generator=np.random.default_rng(1))
     before = {k: v.copy() for k, v in model.state_dict().items()}
-    mp = nn.amp.MixedPrecision(model, "fp32")
-    opt = nn.optim.SGD(mp.master_named_parameters(), lr=1.0)
-    res = train_mod.train_step(model, mp, opt, [(x, x)], grad_clip=1e-3)
+    res = one_process_step(model, "fp32", [(x, x)], grad_clip=1e-3)
     assert res.grad_norm > 1e-3  # the norm before clipping is reported
     moved = math.sqrt(sum(float(((v - before[k]) ** 2).sum()) for k, v in model.state_dict().items()))
     assert moved == pytest.approx(1e-3, rel=1e-3)  # SGD with lr 1: the step is the clipped gradient
@@ -185,7 +192,7 @@ def test_resume_is_bitwise_identical(corpus, tmp_path, monkeypatch, precision, d
                 train_mod.main(argv(corpus, resumed, *flags))
             assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
         else:  # Ctrl-C during step 3: the step finishes, a checkpoint is written, the run stops
-            real = train_mod.train_step
+            real = Layout.step
             calls = {"n": 0}
 
             def ctrl_c_in_step_3(*a, **k):
@@ -194,11 +201,12 @@ def test_resume_is_bitwise_identical(corpus, tmp_path, monkeypatch, precision, d
                     signal.raise_signal(signal.SIGINT)
                 return real(*a, **k)
 
-            m.setattr(train_mod, "train_step", ctrl_c_in_step_3)
+            m.setattr(Layout, "step", ctrl_c_in_step_3)
             assert train_mod.main(argv(corpus, resumed, *flags, "--ckpt-interval", "0")) == 130
             assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3]
     assert TrainingCheckpoint.load(resumed / "ckpt.safetensors").step == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
     assert train_mod.main(argv(corpus, resumed, *flags, "--resume")) == 0
     recs = read_metrics(resumed / "metrics.jsonl")
@@ -341,18 +349,17 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(co
 
 
 def test_nan_loss_is_an_error_at_the_step_it_happens(corpus, tmp_path, monkeypatch, capsys):
-    real = GPT.forward
+    real = train_mod.PretrainJob.loss
     calls = {"n": 0}
 
-    def forward(self, ids, targets=None, **kw):
-        logits, loss = real(self, ids, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 4:
-                loss = loss * float("nan")
-        return logits, loss
+    def loss(self, logits, batch):
+        total, count = real(self, logits, batch)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            total = total * float("nan")
+        return total, count
 
-    monkeypatch.setattr(GPT, "forward", forward)
+    monkeypatch.setattr(train_mod.PretrainJob, "loss", loss)
     out = tmp_path / "run"
     assert train_mod.main(argv(corpus, out, "--ckpt-interval", "2", steps=6)) == 1
     err = capsys.readouterr().err
@@ -374,13 +381,13 @@ def test_fp16_overflow_is_a_skipped_step_and_persistent_overflow_an_error(corpus
     rc = train_mod.main(argv(corpus, out, "--precision", "fp16", "--ckpt-interval", "1", steps=40))
     assert rc == 1
     err = capsys.readouterr().err
-    assert f"{train_mod.MAX_CONSECUTIVE_SKIPS} steps in a row overflowed in float16" in err
+    assert f"{trainer_mod.MAX_CONSECUTIVE_SKIPS} steps in a row overflowed in float16" in err
     recs = read_metrics(out / "metrics.jsonl")
     assert [r["skipped"] for r in recs[:4]] == [False, True, False, False]
     assert recs[1]["grad_norm"] is None and recs[2]["loss_scale"] == recs[0]["loss_scale"] / 2
-    assert recs[-1]["step"] == 4 + train_mod.MAX_CONSECUTIVE_SKIPS  # the failing step is logged
-    assert recs[-1]["skipped_total"] == 1 + train_mod.MAX_CONSECUTIVE_SKIPS
-    assert TrainingCheckpoint.load(out / "ckpt.safetensors").step == 4 + train_mod.MAX_CONSECUTIVE_SKIPS - 1
+    assert recs[-1]["step"] == 4 + trainer_mod.MAX_CONSECUTIVE_SKIPS  # the failing step is logged
+    assert recs[-1]["skipped_total"] == 1 + trainer_mod.MAX_CONSECUTIVE_SKIPS
+    assert TrainingCheckpoint.load(out / "ckpt.safetensors").step == 4 + trainer_mod.MAX_CONSECUTIVE_SKIPS - 1
 
 
 # ---------------------------------------------------------------------------
@@ -466,3 +473,196 @@ def test_max_minutes_stops_with_a_checkpoint(corpus, tmp_path, capsys):
     assert "done (stopped by --max-minutes 0.0001): 1 steps" in stdout
     assert TrainingCheckpoint.load(out / "ckpt.safetensors").step == 1
     assert "val_loss" in read_metrics(out / "metrics.jsonl")[-1]
+
+
+# ---------------------------------------------------------------------------
+# signals, full disks, interrupted writes, resumed bookkeeping
+# ---------------------------------------------------------------------------
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _start(cmd, out):
+    """Start a training command in a subprocess; return it once its metrics show two steps done."""
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(read_metrics(metrics)) >= 2:
+            return proc
+        time.sleep(0.05)
+    out_text, err_text = proc.communicate(timeout=60)
+    raise AssertionError(f"the run did not get going (exit {proc.returncode}):\n{out_text[-2000:]}\n{err_text[-2000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigterm-one-process", "ctrl-c-dp2"])
+def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint_and_resume_is_bitwise(corpus, tmp_path, monkeypatch,
+                                                                                       how):
+    """SIGTERM to one process, or Ctrl-C (SIGINT) to `python -m llm train --dp 2` (which runs mpirun): every rank
+    stops after the same step, one checkpoint is written, the exit code is 143 / 130, and --resume continues with
+    exactly the losses of an uninterrupted run."""
+    for var in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
+        monkeypatch.setenv(var, "1")  # mpirun refuses to start as root without them
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    dp = ["--dp", "2"] if how == "ctrl-c-dp2" else []
+    flags = [*dp, "--lr-decay-steps", "400", "--ckpt-interval", "0"]  # a schedule independent of --max-steps
+    out = tmp_path / "stopped"
+    proc = _start([sys.executable, "-m", "llm", "train", *argv(corpus, out, *flags, steps=400)], out)
+    proc.send_signal(signal.SIGTERM if how == "sigterm-one-process" else signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == (143 if how == "sigterm-one-process" else 130), stdout[-2000:] + stderr[-3000:]
+    step = TrainingCheckpoint.load(out / "ckpt.safetensors").step
+    assert 2 <= step < 400 and f"stopped at step {step} by a signal" in stdout
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][-1] == step
+    assert sorted(os.listdir(out)) == ["ckpt.safetensors", "metrics.jsonl"]  # no temporary left behind
+
+    # in-process calls: with --dp 2 they start mpirun themselves
+    assert train_mod.main(argv(corpus, out, *flags, "--resume", steps=step + 2)) == 0
+    straight = tmp_path / "straight"
+    assert train_mod.main(argv(corpus, straight, *flags, steps=step + 2)) == 0
+    assert losses(out) == losses(straight)
+
+
+def test_a_second_signal_interrupts_at_once():
+    from llm.trainer.signals import GracefulStop
+
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        with GracefulStop(seen.append) as stop:
+            signal.raise_signal(signal.SIGUSR2)  # mpirun forwards this one: "stop as for SIGTERM"
+            assert stop.requested == signal.SIGUSR2 and stop.exit_code == 143
+            signal.raise_signal(signal.SIGINT)
+    assert seen == ["SIGUSR2 (stop as for SIGTERM)"]
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_full_disk_is_one_clear_error_with_its_own_exit_code_and_the_last_checkpoint_stays(corpus, tmp_path,
+                                                                                            monkeypatch, capsys):
+    import errno
+
+    from llm.trainer import checkpoint as ckpt_mod
+
+    out = tmp_path / "run"
+    real = ckpt_mod.save_checkpoint
+    calls = {"n": 0}
+
+    def save(path, tensors, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: the disk fills up while writing
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", save)
+    rc = train_mod.main(argv(corpus, out, "--ckpt-interval", "2", steps=6))
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "Traceback" not in err
+    assert f"could not write the checkpoint {out / 'ckpt.safetensors'}: the disk is full: it needs about" in err
+    assert "bytes free in" in err and "the previous checkpoint is intact" in err
+    assert TrainingCheckpoint.load(out / "ckpt.safetensors").step == 2  # the step-2 checkpoint, intact
+    assert "3 the checkpoint could not be written" in " ".join(train_mod.build_parser().epilog.split())
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed_at_the_next_start(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_mod.main(argv(corpus, out, steps=2)) == 0
+    stale = out / ".tmp-k2j4h1x9-ckpt.safetensors"
+    stale.write_bytes(b"\0" * 1000)
+    (out / ".tmp-k2j4h1x9-metrics.jsonl").write_text("{")
+    keep = [out / ".tmp-notes.txt", out / "tmp-ckpt.safetensors"]  # not ours: left alone
+    for k in keep:
+        k.write_text("mine")
+    capsys.readouterr()
+    assert train_mod.main(argv(corpus, out, "--resume", steps=3)) == 0
+    stdout = capsys.readouterr().out
+    assert f"removed {stale} (1,000 bytes), a temporary file left by a run killed while writing" in stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(["ckpt.safetensors", "metrics.jsonl"] +
+                                                           [k.name for k in keep])
+
+
+def test_tokens_count_what_was_trained_after_resuming_with_another_batch_size(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert train_mod.main(argv(corpus, out, steps=3)) == 0
+    assert train_mod.main(argv(corpus, out, "--resume", "--batch-size", "8", steps=5)) == 0
+    tokens = [r["tokens"] for r in read_metrics(out / "metrics.jsonl")]
+    assert tokens == [4 * 16, 8 * 16, 12 * 16, 12 * 16 + 8 * 16, 12 * 16 + 16 * 16]
+
+
+def test_progress_without_a_terminal_is_one_plain_line_per_log_interval(corpus, tmp_path, capsys):
+    flags = [f for f in argv(corpus, tmp_path / "run", "--log-interval", "2", steps=6) if f != "--no-progress"]
+    assert train_mod.main(flags) == 0
+    err = capsys.readouterr().err  # capsys: not a terminal
+    lines = [line for line in err.splitlines() if line.startswith("pretrain step")]
+    assert [line.split(":")[0] for line in lines] == ["pretrain step 2/6", "pretrain step 4/6", "pretrain step 6/6"]
+    assert "\r" not in err and "tokens/s" in lines[0]
+
+
+def test_every_output_file_gets_the_same_mode(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert train_mod.main(argv(corpus, out, steps=1)) == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == {"ckpt.safetensors": 0o644, "metrics.jsonl": 0o644}
+
+
+def test_extending_a_run_says_which_flag_keeps_its_schedule(corpus, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train_mod.main(argv(corpus, a, steps=4)) == 0
+    capsys.readouterr()
+    assert train_mod.main(argv(corpus, a, "--resume", steps=6)) == 0
+    assert "to continue its schedule exactly, pass --lr-decay-steps 4" in capsys.readouterr().out
+    # with the flag, the extended run's learning rates are those of a straight run with the same schedule
+    assert train_mod.main(argv(corpus, b, steps=4)) == 0
+    capsys.readouterr()
+    assert train_mod.main(argv(corpus, b, "--resume", "--lr-decay-steps", "4", steps=6)) == 0
+    assert "--lr-decay-steps" not in capsys.readouterr().out
+    c = tmp_path / "c"
+    assert train_mod.main(argv(corpus, c, "--lr-decay-steps", "4", steps=6)) == 0
+    lrs = [r["lr"] for r in read_metrics(b / "metrics.jsonl")]
+    assert lrs == [r["lr"] for r in read_metrics(c / "metrics.jsonl")]
+    assert losses(b) == losses(c)
+
+
+def test_every_model_field_has_a_flag_and_head_counts_are_checked_once(corpus, tmp_path, capsys):
+    import dataclasses
+
+    from llm.model import GPTConfig
+
+    text = " ".join(train_mod.build_parser().format_help().split())
+    for field in dataclasses.fields(GPTConfig):
+        if field.name != "vocab_size":  # the tokenizer's
+            assert "--" + field.name.replace("_", "-") in text, field.name
+    # llama-tiny has 2 kv heads; with --n-embd 40 --n-head 5 they no longer divide: the error names the flag to fix
+    rc = train_mod.main(argv(corpus, tmp_path / "x", "--preset", "llama-tiny", "--n-embd", "40", "--n-head", "5",
+                             steps=1))
+    err = capsys.readouterr().err
+    assert rc == 2 and "n_head=5 is not divisible by n_kv_head=2" in err and "--n-kv-head" in err
+    assert train_mod.main(argv(corpus, tmp_path / "y", "--preset", "llama-tiny", "--n-head", "4", "--n-kv-head", "1",
+                               steps=1)) == 0
+    model, _, _ = load_model(tmp_path / "y" / "ckpt.safetensors")
+    assert model.config.n_kv_head == 1 and model.config.n_head == 4 and model.config.norm == "rmsnorm"
+
+
+def test_model_config_file(corpus, tmp_path, capsys):
+    good = tmp_path / "model.json"
+    good.write_text(json.dumps({"norm": "rmsnorm", "bias": False, "n_layer": 3}))
+    assert train_mod.main(argv(corpus, tmp_path / "run", "--model-config", str(good), steps=1)) == 0
+    model, _, _ = load_model(tmp_path / "run" / "ckpt.safetensors")
+    # --n-layer 2 (a flag) overrides the file's 3; the file's norm and bias stay
+    assert (model.config.n_layer, model.config.norm, model.config.bias) == (2, "rmsnorm", False)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"n_layers": 3}))
+    assert train_mod.main(argv(corpus, tmp_path / "run2", "--model-config", str(bad), steps=1)) == 2
+    assert "has unknown field(s) ['n_layers']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--recompute"], ["--precision", "fp64"]])
+def test_recompute_and_fp64_train(corpus, tmp_path, flags):
+    """--recompute trains the same model (to float rounding) as the plain run; fp64 runs everywhere in float64."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train_mod.main(argv(corpus, a, steps=3)) == 0
+    assert train_mod.main(argv(corpus, b, *flags, steps=3)) == 0
+    np.testing.assert_allclose(losses(b), losses(a), rtol=1e-5)

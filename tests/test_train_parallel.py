@@ -14,6 +14,7 @@ import pytest
 
 from llm import train as train_mod
 from llm.checkpoint import load_model
+from parallel import Communicator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,14 +42,17 @@ def test_help_explains_the_parallel_flags(capsys):
         assert flag in text, flag
 
 
-def test_pipeline_without_enough_processes_is_a_clear_error(tmp_path, capsys):
-    rc = train_mod.main(small_flags(tmp_path) + ["--pp", "2"])
+def test_a_layout_the_world_cannot_take_is_a_clear_error(tmp_path, capsys):
+    # a one-process communicator given: --dp/--pp must fit it (without one, --dp/--pp start mpirun)
+    rc = train_mod.main(small_flags(tmp_path) + ["--pp", "3"], comm=Communicator())
     err = capsys.readouterr().err
     assert rc == 2
-    assert "--pp 2 does not divide the job's 1 process(es)" in err and "mpirun -n" in err
-    rc = train_mod.main(small_flags(tmp_path) + ["--dp", "2", "--pp", "2"])
+    assert "--pp 3 does not divide the job's 1 process(es)" in err and "mpirun -n" in err
+    rc = train_mod.main(small_flags(tmp_path) + ["--dp", "2", "--pp", "2"], comm=Communicator())
     err = capsys.readouterr().err
-    assert rc == 2 and "--dp 2 x --pp 2 = 4 processes, but the job has 1" in err and "mpirun -n 4" in err
+    assert rc == 2 and "--dp 2 x --pp 2 = 4 processes, but the job has 1" in err
+    rc = train_mod.main(small_flags(tmp_path) + ["--zero", "1"], comm=Communicator())
+    assert rc == 2 and "--zero 1 shards the optimizer state over the data-parallel replicas" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

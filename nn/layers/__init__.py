@@ -1,11 +1,11 @@
 """Layers: each is a ``Module`` with its parameters registered in a fixed order."""
 
 from .basic import GELU, Dropout, Embedding, Identity, Linear, LinearFunction, SiLU, linear
-from .attention import CausalSelfAttention, KVCache
+from .attention import CausalSelfAttention, KVCache, check_heads
 from .block import Block
 from .mlp import MLP, SwiGLU, llama_hidden_dim
 from .norm import LayerNorm, RMSNorm
 
 __all__ = ["Linear", "LinearFunction", "linear", "Embedding", "Dropout", "GELU", "SiLU", "Identity",
            "MLP", "SwiGLU", "llama_hidden_dim",
-           "LayerNorm", "RMSNorm", "CausalSelfAttention", "KVCache", "Block"]
+           "LayerNorm", "RMSNorm", "CausalSelfAttention", "KVCache", "check_heads", "Block"]

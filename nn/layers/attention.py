@@ -119,11 +119,12 @@ def check_heads(n_embd: int, n_head: int, n_kv_head: int | None):
     if isinstance(n_kv_head, bool) or not isinstance(n_kv_head, numbers.Integral) or n_kv_head < 1:
         raise ValueError(f"attention: n_kv_head must be a positive integer (or None for n_head), got {n_kv_head!r}")
     if n_embd % n_head:
-        raise ValueError(f"attention: n_embd={n_embd} is not divisible by n_head={n_head}; each head gets "
-                         f"n_embd / n_head channels, so pick n_head among the divisors of {n_embd}")
+        raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}; each head gets n_embd / n_head "
+                         f"channels, so pick n_head (--n-head) among the divisors of {n_embd}")
     if n_head % n_kv_head:
-        raise ValueError(f"attention: n_head={n_head} is not divisible by n_kv_head={n_kv_head}; each kv head must "
-                         f"serve the same number of query heads (n_kv_head = n_head for MHA, 1 for MQA)")
+        raise ValueError(f"n_head={n_head} is not divisible by n_kv_head={n_kv_head}; each kv head must serve the "
+                         f"same number of query heads: set n_kv_head (--n-kv-head) to a divisor of {n_head} "
+                         "(n_head for multi-head attention, 1 for multi-query)")
     return n_embd // n_head, int(n_kv_head)
 
 

@@ -26,8 +26,9 @@ class AdamW(Optimizer):
         p  <- p - lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - beta1**t), v_hat = v / (1 - beta2**t)
 
     computed as torch does: ``p -= (lr / (1 - beta1**t)) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)``.
-    The moments are float32 for float16/bfloat16 parameters (the parameter's
-    dtype otherwise), the arithmetic is done in that dtype, in place. On the
+    The moments and the arithmetic are in the parameter's dtype (float32 or
+    float64), in place. A float16 model is trained through float32 master
+    weights (``nn.amp.MixedPrecision``), which are what AdamW updates. On the
     CPU a parameter is updated in pieces of at most ``_PIECE`` elements with
     one piece-sized scratch buffer per thread: no temporary as large as the
     parameter (GPT-2's embedding table is 154 MB: allocated and freed every
@@ -55,14 +56,17 @@ class AdamW(Optimizer):
         """One AdamW update of every parameter that has a gradient."""
         self.step_count += 1
         updates = []  # (w, m, v, g, hyper) per piece: run together, spread over the CPU threads
-        low_precision = []  # (float16 parameter, its float32 working copy)
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for name, p in group["params"]:
                 if p.grad is None:
                     continue
                 xp = get_array_module(p.data)
-                dtype = self._state_dtype(p)
+                dtype = p.dtype
+                if dtype.itemsize < 4:
+                    raise TypeError(f"AdamW updates float32 (or float64) parameters, but {name!r} is {dtype}: train a "
+                                    "half-precision model through float32 master weights, "
+                                    "nn.amp.MixedPrecision(model, 'fp16'), and give AdamW mp.master_named_parameters()")
                 st = self.state.get(name)
                 if st is None:
                     st = self.state[name] = {"step": 0, "exp_avg": xp.zeros(p.shape, dtype=dtype),
@@ -70,8 +74,7 @@ class AdamW(Optimizer):
                 st["step"] += 1
                 t = st["step"]
                 g = _grad_of(name, p, dtype)
-                low = p.data.dtype != dtype
-                w = p.data.astype(dtype) if low else p.data  # float16 params: update a float32 copy
+                w = p.data
                 m, v = st["exp_avg"], st["exp_avg_sq"]
                 hyper = (lr, b1, b2, eps, wd, t)
                 if w.ndim > 1 and not (w.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
@@ -80,8 +83,6 @@ class AdamW(Optimizer):
                     flat = [a.reshape(-1) for a in (w, m, v)] + [xp.ascontiguousarray(g).reshape(-1)]  # (n,) views
                     for sl in kernels.pieces(xp, w.size, _PIECE):
                         updates.append(tuple(a[sl] for a in flat) + (hyper,))
-                if low:
-                    low_precision.append((p.data, w))
 
         def piece(update):
             w, m, v, g, hyper = update
@@ -90,8 +91,6 @@ class AdamW(Optimizer):
             adamw_update_(xp, w, m, v, g, tmp.reshape(w.shape), *hyper)
 
         kernels.run(updates, piece)
-        for data, w in low_precision:
-            data[...] = w  # round back into the float16 parameter, in place
 
 
 def adamw_update_(xp, w, m, v, g, tmp, lr, b1, b2, eps, wd, t):

@@ -16,7 +16,8 @@ import pytest
 
 from llm import train as train_mod
 from llm.checkpoint import load_model
-from llm.trainer_state import read_metrics
+from llm.trainer import read_metrics
+from llm.trainer import trainer as trainer_mod
 from parallel import Communicator
 
 pytestmark = pytest.mark.mpi
@@ -45,7 +46,7 @@ def folder(comm):
 @pytest.fixture(autouse=True)
 def fast_flops(monkeypatch):
     """The MFU denominator, measured for ~0.5 s per run otherwise."""
-    monkeypatch.setattr(train_mod, "measure_matmul_flops", lambda device="cpu", n=512, seconds=0.5: 1e10)
+    monkeypatch.setattr(trainer_mod, "measure_matmul_flops", lambda device="cpu", n=512, seconds=0.5: 1e10)
 
 
 def argv(folder, out, steps, *extra):
@@ -61,9 +62,8 @@ def losses(folder, out):
 
 
 def single_process(folder, out, steps, *extra):
-    """The plain single-process loop (``run`` without a communicator), on rank 0 only."""
-    args = train_mod.build_parser().parse_args(argv(folder, out, steps, *extra))
-    return train_mod.run(args)
+    """The single-process run (the one-process stand-in communicator: no MPI), on rank 0 only."""
+    return train_mod.main(argv(folder, out, steps, *extra), comm=Communicator())
 
 
 def sub_world(comm, n):
@@ -96,19 +96,22 @@ def test_dp_pp_run_writes_one_checkpoint_and_matches_one_process(comm, assert_al
     assert_all_ranks(comm, ok, msg)
 
 
-@pytest.mark.parametrize("order", ["world-2-1", "2-world-1"])
+@pytest.mark.parametrize("order", ["world-2-1", "2-world-1", "zero2-world-1"])
 def test_resume_on_other_world_sizes_continues_the_losses(comm, assert_all_ranks, folder, order):
     """Steps 1-2, 3-4 and 5 on different numbers of processes and layouts: the uninterrupted run's losses.
 
-    At -n 4: 4 processes (dp 2 x pp 2, 1F1B) -> 2 (pp 2, GPipe) -> 1, and 2 (dp 2) -> 4 -> 1.
-    At -n 2 the world is 2 processes: pp 2 -> pp 2 (GPipe) -> 1, and dp 2 -> pp 2 -> 1.
+    At -n 4: 4 processes (dp 2 x pp 2, 1F1B) -> 2 (pp 2, GPipe) -> 1, and 2 (dp 2) -> 4 -> 1, and 2 (dp 2 with
+    ZeRO-1) -> 4 -> 1. At -n 2 the world is 2 processes: pp 2 -> pp 2 (GPipe) -> 1, dp 2 -> pp 2 -> 1, and dp 2
+    with ZeRO-1 -> pp 2 -> 1.
     """
     out = f"resume-{order}"
     world_flags = ["--dp", "2", "--pp", "2"] if comm.size == 4 else ["--pp", "2"]
     if order == "world-2-1":
         legs = [(comm.size, world_flags), (2, ["--pp", "2", "--schedule", "gpipe"])]
-    else:
+    elif order == "2-world-1":
         legs = [(2, ["--dp", "2"]), (comm.size, world_flags)]
+    else:
+        legs = [(2, ["--dp", "2", "--zero", "1"]), (comm.size, world_flags)]
     rc = 0
     for k, (n, flags) in enumerate(legs):
         sub = comm if n == comm.size else sub_world(comm, n)

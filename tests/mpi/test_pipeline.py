@@ -15,10 +15,12 @@ import pytest
 
 import nn
 from llm.model import GPT, GPTConfig
+from llm.trainer import Job, stage_layout
 from parallel import make_grid
-from llm.pipeline_stage import build_stage
-from parallel.pipeline_exec import PipelineExecutor, split_micro_batches
+from parallel.pipeline_exec import PipelineExecutor, split_rows
 from parallel.schedule import peak_activations_bound
+
+JOB = Job()  # next-token prediction: inputs, count and loss of a batch {"input_ids", "labels"}
 
 pytestmark = pytest.mark.mpi
 
@@ -48,6 +50,17 @@ def reference_grads(config, x, y, seed=0):
     return float(loss.data), {n: p.grad for n, p in model.named_parameters()}
 
 
+def build_stage(config, stage, pp, counts=None, generator=None, dtype=np.float32):
+    """Stage ``stage`` of ``pp`` of the GPT ``config`` with ``generator``'s weights (the whole model when pp == 1)."""
+    model = GPT(config, generator=generator, dtype=dtype)
+    return model.pipeline_stage(stage, stage_layout(config, pp, counts)) if pp > 1 else model
+
+
+def run_step(pipe, x, y, m):
+    """One executor step over this replica's rows ``(x, y)`` in ``m`` micro-batches."""
+    return pipe.step(split_rows({"input_ids": x, "labels": y}, m), JOB.loss, JOB.inputs, JOB.count)
+
+
 def rel_diff(a, b):
     d = float(np.max(np.abs(a - b))) / (float(np.max(np.abs(b))) or 1.0)
     return d if d == d else float("inf")
@@ -72,7 +85,7 @@ def check_pipeline_grads(comm, assert_all_ranks, dp, pp, m, schedule, config, ro
     stage = build_stage(config, grid.stage, pp, generator=np.random.default_rng(0), dtype=np.float64)
     pipe = PipelineExecutor(stage, grid, n_micro=m, schedule=schedule)
     xl, yl = local_rows(grid, x, y)
-    result = pipe.step(split_micro_batches(xl, yl, m))
+    result = run_step(pipe, xl, yl, m)
     tag = f"dp={dp} pp={pp} m={m} {schedule}"
     assert_all_ranks(comm, abs(result.loss - ref_loss) <= TOL * abs(ref_loss),
                      f"{tag}: loss {result.loss!r} vs no pipelining {ref_loss!r}")
@@ -109,7 +122,7 @@ def test_untied_head_and_user_counts(comm, assert_all_ranks, schedule):
     ref_loss, ref = reference_grads(config, x, y)
     counts = [2] + [1] * (pp - 1)
     stage = build_stage(config, grid.stage, pp, counts=counts, generator=np.random.default_rng(0), dtype=np.float64)
-    result = PipelineExecutor(stage, grid, n_micro=2 * pp, schedule=schedule).step(split_micro_batches(x, y, 2 * pp))
+    result = run_step(PipelineExecutor(stage, grid, n_micro=2 * pp, schedule=schedule), x, y, 2 * pp)
     have = {n for n, _ in stage.named_parameters()}
     expect_wte = grid.stage == 0
     assert_all_ranks(comm, ("wte.weight" in have) == expect_wte and ("lm_head.weight" in have) == (grid.stage == pp - 1)
@@ -164,7 +177,7 @@ def test_dp_pp_adamw_steps_equal_single_process(comm, assert_all_ranks, dp, pp):
     losses = []
     for step in range(steps):
         x, y = global_batch(config, rows, seed=step)
-        result = pipe.step(split_micro_batches(*local_rows(grid, x, y), m))
+        result = run_step(pipe, *local_rows(grid, x, y), m)
         pipe.clip_grad_norm_(0.5)
         opt.step()
         opt.zero_grad()
@@ -194,6 +207,7 @@ def test_eval_loss_equals_the_model(comm, assert_all_ranks, dp, pp):
         _, loss = model(x, targets=y)
         n = int((y != -100).sum())
         total, count = total + float(loss.data) * n, count + n
-    got = pipe.eval_loss(batches)
+    total_got, count_got = pipe.eval_loss([{"input_ids": x, "labels": y} for x, y in batches], JOB.loss, JOB.inputs)
+    got = total_got / count_got
     assert_all_ranks(comm, abs(got - total / count) <= TOL * total / count, f"eval loss {got} vs {total / count}")
     assert_all_ranks(comm, stage.training, "eval_loss left the stage in eval mode")

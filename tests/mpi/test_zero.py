@@ -1,9 +1,11 @@
-"""ZeRO-1 (sharded AdamW) under mpirun: equal to plain AdamW, 1/N of its state, checkpoints that re-shard."""
+"""ZeRO-1 (``parallel.ShardedMasters``) under mpirun: equal to plain AdamW, 1/N of its state, skips agreed by all.
 
-import json
-import os
-import shutil
-import tempfile
+The sharded masters plug into ``nn.amp.MixedPrecision`` like the default ones;
+a plain ``nn.optim.AdamW`` over them keeps moments for this rank's shard only.
+Each rank's loss is its rows' summed loss over the global batch size, and the
+reduce-scatter sums the gradients, so the result is one process's on the
+whole batch (float64: 1e-12 relative).
+"""
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ import pytest
 import autograd
 import nn
 from nn.amp import DynamicLossScaler, MixedPrecision
-from parallel import ZeroAdamW
+from parallel import ShardedMasters
+from parallel.ddp import agree_found_inf, broadcast_module
+from parallel.pipeline_exec import clip_grad_norm_global_, global_grad_norm
 
 pytestmark = pytest.mark.mpi
 
@@ -33,10 +37,6 @@ def make_model(seed, dtype=np.float64, extra=False):
     return model
 
 
-def groups(model):
-    return nn.optim.param_groups_for_gpt(model, weight_decay=0.1)
-
-
 def global_batch(step, dtype=np.float64):
     g = np.random.default_rng(200 + step)
     return g.standard_normal((B, D_IN)).astype(dtype), g.integers(0, D_OUT, size=B)
@@ -47,16 +47,13 @@ def local_slice(comm, x, y):
     return x[comm.rank * n:(comm.rank + 1) * n], y[comm.rank * n:(comm.rank + 1) * n]
 
 
-def loss_of(model, x, y):
-    return autograd.cross_entropy(model(autograd.Tensor(x)), y)
-
-
-def run_reference(steps, max_norm=None, extra=False, model=None, opt=None, start=0):
+def run_reference(steps, max_norm=None, extra=False):
     """One process, the whole batch, nn.optim.AdamW."""
-    model = make_model(0, extra=extra) if model is None else model
-    opt = nn.optim.AdamW(groups(model), **HYPER) if opt is None else opt
-    for step in range(start, start + steps):
-        loss_of(model, *global_batch(step)).backward()
+    model = make_model(0, extra=extra)
+    opt = nn.optim.AdamW(nn.optim.param_groups_for_gpt(model, 0.1), **HYPER)
+    for step in range(steps):
+        x, y = global_batch(step)
+        autograd.cross_entropy(model(autograd.Tensor(x)), y).backward()
         if max_norm is not None:
             nn.optim.clip_grad_norm_(model.parameters(), max_norm)
         opt.step()
@@ -64,19 +61,32 @@ def run_reference(steps, max_norm=None, extra=False, model=None, opt=None, start
     return model, opt
 
 
-def run_zero(comm, steps, max_norm=None, extra=False, model=None, opt=None, start=0):
-    model = make_model(seed=comm.rank, extra=extra) if model is None else model  # rank 0's weights are broadcast
-    opt = ZeroAdamW(groups(model), comm, **HYPER) if opt is None else opt
-    for step in range(start, start + steps):
-        loss_of(model, *local_slice(comm, *global_batch(step))).backward()
-        opt.step(max_norm=max_norm)  # no scaler: always applied
-        opt.zero_grad()
-    return model, opt
+def zero_setup(comm, model, precision="fp64", scaler=None):
+    """Rank 0's weights everywhere, then sharded masters under MixedPrecision and AdamW over them."""
+    broadcast_module(comm, model)
+    dtype = np.float64 if precision == "fp64" else np.float32
+    masters = ShardedMasters(model.named_parameters(), comm, master_dtype=dtype)
+    mp = MixedPrecision(model, precision, scaler=scaler, masters=masters)
+    return mp, nn.optim.AdamW(mp.param_groups_for_gpt(0.1), **HYPER)
 
 
-def max_rel_diff(model, ref):
-    ref = dict(ref.named_parameters())
-    return max(rel_diff(p.data, ref[n].data) for n, p in model.named_parameters())
+def zero_step(comm, model, mp, opt, x, y, max_norm=None, n_global=B):
+    """Local rows' summed loss over the global count ``n_global``, backward, then the sharded step; returns stepped."""
+    loss = autograd.cross_entropy(model(mp.cast_input(autograd.Tensor(x))), y, reduction="sum") / n_global
+    mp.backward(loss)
+
+    def norm(named, mn):
+        return clip_grad_norm_global_(named, mn, comm) if mn else global_grad_norm(named, comm)
+
+    return mp.step(opt, max_norm, agree_found_inf=lambda f: agree_found_inf(comm, f), grad_norm=norm)
+
+
+def run_zero(comm, steps, max_norm=None, extra=False):
+    model = make_model(seed=comm.rank, extra=extra)  # rank 0's weights are broadcast
+    mp, opt = zero_setup(comm, model)
+    for step in range(steps):
+        assert zero_step(comm, model, mp, opt, *local_slice(comm, *global_batch(step)), max_norm)
+    return model, mp, opt
 
 
 def rel_diff(a, b):
@@ -85,15 +95,24 @@ def rel_diff(a, b):
     return d if d == d else float("inf")
 
 
+def max_rel_diff(model, ref):
+    ref = dict(ref.named_parameters())
+    return max(rel_diff(p.data, ref[n].data) for n, p in model.named_parameters())
+
+
+def full_groups(model):
+    return [[n for n, _ in g["params"]] for g in nn.optim.param_groups_for_gpt(model, 0.1)]
+
+
 @pytest.mark.parametrize("max_norm", [None, 0.05], ids=["no-clip", "clip"])
 def test_zero_equals_adamw(comm, assert_all_ranks, max_norm):
     ref, ref_opt = run_reference(5, max_norm)
-    model, opt = run_zero(comm, 5, max_norm)
+    model, mp, opt = run_zero(comm, 5, max_norm)
     err = max_rel_diff(model, ref)
     assert_all_ranks(comm, err <= TOL, f"ZeRO-1 vs AdamW after 5 steps: {err:.3e}")
     if max_norm is not None:
-        assert_all_ranks(comm, opt.last_grad_norm > max_norm, f"clipping not exercised: {opt.last_grad_norm}")
-    sd = opt.state_dict()
+        assert_all_ranks(comm, mp.last_grad_norm > max_norm, f"clipping not exercised: {mp.last_grad_norm}")
+    sd = mp.masters.optimizer_state(opt, full_groups(model))  # collective: the full state on every rank
     want = ref_opt.state_dict()
     ok = sd["step"] == want["step"] and set(sd["state"]) == set(want["state"])
     worst = 0.0
@@ -102,59 +121,53 @@ def test_zero_equals_adamw(comm, assert_all_ranks, max_norm):
             worst = max(worst, rel_diff(sd["state"][name][k], entry[k]))
         ok = ok and sd["state"][name]["step"] == entry["step"]
     assert_all_ranks(comm, ok and worst <= 1e-10, f"gathered state differs from AdamW's: {worst:.3e}")
-    assert_all_ranks(comm, sd["param_groups"] == want["param_groups"], "param_groups differ")
+    assert_all_ranks(comm, [g["params"] for g in sd["param_groups"]] == [g["params"] for g in want["param_groups"]],
+                     "param_groups differ")
 
 
 def test_weight_decay_per_group_and_unused_parameters(comm, assert_all_ranks):
     ref, _ = run_reference(3, extra=True)
-    model, opt = run_zero(comm, 3, extra=True)
+    model, mp, opt = run_zero(comm, 3, extra=True)
     err = max_rel_diff(model, ref)
     assert_all_ranks(comm, err <= TOL, f"ZeRO-1 with an unused layer vs AdamW: {err:.3e}")
     unused = [n for n, p in model.named_parameters() if n.startswith("3.")]
-    sd = opt.state_dict()
+    sd = mp.masters.optimizer_state(opt, full_groups(model))
     assert_all_ranks(comm, unused and not any(n in sd["state"] for n in unused), "unused parameters got state")
-    wd = [g["weight_decay"] for g in opt.param_groups]
-    assert_all_ranks(comm, sorted(wd) == [0.0, 0.1], f"groups {wd}")
 
 
 def test_optimizer_memory_is_one_nth(comm, assert_all_ranks):
-    model, opt = run_zero(comm, 1)
-    ref, ref_opt = run_reference(1)
+    model, mp, opt = run_zero(comm, 1)
+    _, ref_opt = run_reference(1)
     n = sum(p.size for p in model.parameters())
     unsharded = sum(a.nbytes for st in ref_opt.state.values() for k, a in st.items() if k != "step")
-    per_rank = opt.state_bytes()
+    moments = sum(a.nbytes for st in opt.state.values() for k, a in st.items() if k != "step")
     chunk = -(-n // comm.size)
     assert_all_ranks(comm, unsharded == 2 * 8 * n, f"AdamW state {unsharded} bytes for {n} weights")
-    assert_all_ranks(comm, per_rank == 2 * 8 * chunk, f"ZeRO state {per_rank} bytes, chunk {chunk}")
-    assert_all_ranks(comm, per_rank * comm.size - unsharded < 2 * 8 * comm.size,
-                     f"{per_rank} x {comm.size} is more than AdamW's {unsharded} plus padding")
-    total = comm.allreduce(per_rank)
-    assert_all_ranks(comm, total == 2 * 8 * chunk * comm.size, f"total {total}")
+    assert_all_ranks(comm, moments <= 2 * 8 * chunk and mp.masters.state_bytes() == 8 * chunk,
+                     f"moments {moments} bytes, masters {mp.masters.state_bytes()}, chunk {chunk}")
+    total = comm.allreduce(moments)
+    assert_all_ranks(comm, total == unsharded, f"the shards' moments add up to {total}, AdamW's to {unsharded}")
 
 
 def test_mixed_precision_master_shards_match_mixedprecision(comm, assert_all_ranks):
-    """float16 model, float32 master shards: every rank sees the same data, so the mean gradient is exact."""
+    """float16 model, float32 master shards: the same float32 masters as MixedPrecision's.
+
+    Every rank takes the whole batch (its loss divided by world x B), so the float16 gradients are the reference's
+    up to their scaling; the rest is float32 arithmetic summed in another order (1e-5)."""
     ref_model = make_model(0, dtype=np.float32)
-    mp = MixedPrecision(ref_model, "fp16", scaler=DynamicLossScaler(init_scale=2.0 ** 8))
-    ref_opt = nn.optim.AdamW(mp.param_groups_for_gpt(0.1), **HYPER)
+    mp_ref = MixedPrecision(ref_model, "fp16", scaler=DynamicLossScaler(init_scale=2.0 ** 8))
+    ref_opt = nn.optim.AdamW(mp_ref.param_groups_for_gpt(0.1), **HYPER)
     model = make_model(comm.rank, dtype=np.float32)
-    opt = ZeroAdamW(groups(model), comm, compute_dtype="float16", **HYPER)
-    scaler = DynamicLossScaler(init_scale=2.0 ** 8)
-    n = sum(p.size for p in model.parameters())
-    chunk = -(-n // comm.size)
+    mp, opt = zero_setup(comm, model, "fp16", scaler=DynamicLossScaler(init_scale=2.0 ** 8))
     assert_all_ranks(comm, all(p.dtype == np.float16 for p in model.parameters()), "model not cast to float16")
-    assert_all_ranks(comm, opt.state_bytes() == 3 * 4 * chunk, f"moments + master: {opt.state_bytes()} bytes")
     for step in range(3):
         x, y = global_batch(step, np.float32)
-        mp.backward(loss_of(ref_model, x.astype(np.float16), y))
-        mp.step(ref_opt, max_norm=1.0)
-        scaler.scale(loss_of(model, x.astype(np.float16), y)).backward()
-        stepped = opt.step(scaler=scaler, max_norm=1.0)
-        opt.zero_grad()
+        mp_ref.backward(autograd.cross_entropy(ref_model(autograd.Tensor(x.astype(np.float16))), y))
+        mp_ref.step(ref_opt, max_norm=1.0)
+        stepped = zero_step(comm, model, mp, opt, x, y, max_norm=1.0, n_global=B * comm.size)
         assert_all_ranks(comm, stepped, "clean step skipped")
-    masters = opt.state_dict()["master"]
-    # the gradients agree exactly; only the clipping norm is summed in a different order
-    err = max(rel_diff(masters[name], m.data) for name, m in mp.master_named_parameters())
+    masters = mp.masters.state_dict()
+    err = max(rel_diff(masters[name], m.data) for name, m in mp_ref.master_named_parameters())
     assert_all_ranks(comm, err <= 1e-5, f"float32 masters differ from MixedPrecision's by {err:.3e}")
     rounded = all(np.array_equal(p.data, masters[n].astype(np.float16)) for n, p in model.named_parameters())
     assert_all_ranks(comm, rounded, "float16 parameters are not the rounded master weights")
@@ -163,8 +176,8 @@ def test_mixed_precision_master_shards_match_mixedprecision(comm, assert_all_ran
 @pytest.mark.parametrize("where", ["input", "one-element"])
 def test_overflow_on_one_rank_skips_on_all(comm, assert_all_ranks, where):
     model = make_model(comm.rank, dtype=np.float32)
-    opt = ZeroAdamW(groups(model), comm, compute_dtype="float16", **HYPER)
     scaler = DynamicLossScaler(init_scale=2.0 ** 8)
+    mp, opt = zero_setup(comm, model, "fp16", scaler=scaler)
     before = [p.data.copy() for p in model.parameters()]
     results = []
     last = comm.size - 1
@@ -173,12 +186,13 @@ def test_overflow_on_one_rank_skips_on_all(comm, assert_all_ranks, where):
         if step == 0 and comm.rank == last and where == "input":
             x[0, 0] = 1e30  # inf once cast to float16: every gradient of this rank overflows
         with np.errstate(over="ignore", invalid="ignore"):
-            scaler.scale(loss_of(model, x.astype(np.float16), y)).backward()
+            loss = autograd.cross_entropy(model(mp.cast_input(autograd.Tensor(x))), y, reduction="sum") / B
+            mp.backward(loss)
         if step == 0 and comm.rank == last and where == "one-element":
             # the first flat element lies in rank 0's shard: only rank 0 sees the inf after the reduce-scatter
-            opt.param_groups[0]["params"][0][1].grad.reshape(-1)[0] = np.inf
-        results.append(opt.step(scaler=scaler))
-        opt.zero_grad()
+            next(iter(model.parameters())).grad.reshape(-1)[0] = np.inf
+        results.append(mp.step(opt, agree_found_inf=lambda f: agree_found_inf(comm, f),
+                               grad_norm=lambda named, mn: global_grad_norm(named, comm)))
         if step == 0:
             unchanged = all(np.array_equal(a, p.data) for a, p in zip(before, model.parameters()))
     assert_all_ranks(comm, results == [False, True], f"applied: {results}")
@@ -193,77 +207,8 @@ def test_mismatched_parameters_raise_on_every_rank(comm, assert_all_ranks):
     if comm.rank == comm.size - 1:
         params = params[:-1]
     try:
-        ZeroAdamW(params, comm)
+        ShardedMasters(params, comm)
         msg = ""
     except ValueError as e:
         msg = str(e)
     assert_all_ranks(comm, "differs across ranks" in msg and "2.bias" in msg, f"error: {msg!r}")
-
-
-# -- checkpoints: save on N ranks, resume on fewer ---------------------------------------------
-
-
-def save_checkpoint(path, model, opt_state):
-    """npz for the arrays, JSON for the rest (no pickle)."""
-    arrays = {f"model/{n}": p.data for n, p in model.named_parameters()}
-    meta = {"step": opt_state["step"], "param_groups": opt_state["param_groups"], "state": {}}
-    for name, entry in opt_state["state"].items():
-        meta["state"][name] = {"step": entry["step"]}
-        for k in ("exp_avg", "exp_avg_sq"):
-            arrays[f"opt/{name}/{k}"] = entry[k]
-    np.savez(path + ".npz", **arrays)
-    with open(path + ".json", "w") as f:
-        json.dump(meta, f)
-
-
-def load_checkpoint(path):
-    with np.load(path + ".npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    with open(path + ".json") as f:
-        meta = json.load(f)
-    model_sd = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
-    for name, entry in meta["state"].items():
-        entry["exp_avg"] = arrays[f"opt/{name}/exp_avg"]
-        entry["exp_avg_sq"] = arrays[f"opt/{name}/exp_avg_sq"]
-    return model_sd, meta
-
-
-def test_state_dict_resumes_on_a_different_world_size(comm, assert_all_ranks):
-    ref, _ = run_reference(4)
-    model, opt = run_zero(comm, 2)
-    sd = opt.state_dict()  # collective: every rank gets the full state
-    folder = comm.bcast(tempfile.mkdtemp(prefix="zero-ckpt-") if comm.rank == 0 else None)
-    path = os.path.join(folder, "ckpt")
-    if comm.rank == 0:
-        save_checkpoint(path, model, sd)
-    comm.barrier()
-    model_sd, opt_sd = load_checkpoint(path)
-
-    # every rank alone: a plain AdamW resumes from the sharded run's checkpoint
-    solo = make_model(99)
-    solo.load_state_dict(model_sd)
-    solo_opt = nn.optim.AdamW(groups(solo), **HYPER)
-    solo_opt.load_state_dict(opt_sd)
-    run_reference(2, model=solo, opt=solo_opt, start=2)
-    err_solo = max_rel_diff(solo, ref)
-
-    # fewer ranks: the first half of the world (one rank when there are two) resumes with ZeRO
-    m = max(1, comm.size // 2)
-    sub = comm.split(0 if comm.rank < m else None)
-    err_sub, bytes_ok = 0.0, True
-    if sub is not None:
-        resumed = make_model(50 + comm.rank)
-        resumed.load_state_dict(model_sd)
-        ropt = ZeroAdamW(groups(resumed), sub, **HYPER)
-        ropt.load_state_dict(opt_sd)
-        n = sum(p.size for p in resumed.parameters())
-        bytes_ok = ropt.state_bytes() == 2 * 8 * -(-n // m)
-        run_zero(sub, 2, model=resumed, opt=ropt, start=2)
-        err_sub = max_rel_diff(resumed, ref)
-        sub.free()
-    comm.barrier()
-    if comm.rank == 0:
-        shutil.rmtree(folder, ignore_errors=True)
-    assert_all_ranks(comm, err_solo <= TOL, f"AdamW resumed from a {comm.size}-rank ZeRO checkpoint: {err_solo:.3e}")
-    assert_all_ranks(comm, err_sub <= TOL, f"ZeRO resumed on {m} rank(s) from {comm.size}: {err_sub:.3e}")
-    assert_all_ranks(comm, bytes_ok, "re-sharded state has the wrong size")
