@@ -101,14 +101,16 @@ def worker_dp(args):
 def worker_pp(args):
     import numpy as np
 
+    from llm.model import GPT
+    from llm.trainer import Job, stage_layout
     from parallel import get_world, make_grid
-    from llm.pipeline_stage import build_stage
-    from parallel.pipeline_exec import PipelineExecutor, split_micro_batches
+    from parallel.pipeline_exec import PipelineExecutor, split_rows
 
     comm = get_world()
     config = model_config(args)
     grid = make_grid(comm, 1, comm.size)
-    stage = build_stage(config, grid.stage, grid.pp, generator=np.random.default_rng(0))
+    stage = GPT(config, generator=np.random.default_rng(0)).pipeline_stage(grid.stage, stage_layout(config, grid.pp))
+    job = Job()
     pipe = PipelineExecutor(stage, grid, n_micro=args.micro, schedule=args.schedule)
     g = np.random.default_rng(0)
     rows = args.micro * args.pp_micro_batch
@@ -117,7 +119,7 @@ def worker_pp(args):
         x = g.integers(0, config.vocab_size, size=(rows, args.seq))
         y = g.integers(0, config.vocab_size, size=(rows, args.seq))
         comm.barrier()
-        result = pipe.step(split_micro_batches(x, y, args.micro))
+        result = pipe.step(split_rows({"input_ids": x, "labels": y}, args.micro), job.loss, job.inputs, job.count)
         stage.zero_grad()
         busy = comm.allgather(result.busy_s)
         wall = max(comm.allgather(result.wall_s))

@@ -398,7 +398,7 @@ def main(argv=None):
         return 0
 
     print(thread_settings())
-    from llm.trainer_state import measure_matmul_flops
+    from llm.trainer import measure_matmul_flops
 
     peak = measure_matmul_flops("cpu", 1024, seconds=2.0) / 1e9
     print(f"float32 matmul peak (1024^3 on autograd's threads): {peak:.0f} GFLOP/s")

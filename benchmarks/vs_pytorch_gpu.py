@@ -1,6 +1,6 @@
 """GPU training step against PyTorch eager: GPT-2 124M at block 1024, same weights, in one run.
 
-Ours: ``llm.train.train_step`` (forward, backward, global-norm clipping at 1.0,
+Ours: the trainer's step (``llm.trainer.Layout.step``: forward, backward, global-norm clipping at 1.0,
 AdamW) on CuPy, through ``nn.amp.MixedPrecision`` (``--precision fp16`` by
 default: CuPy has no bfloat16). PyTorch: the nanoGPT-style twin of
 ``vs_pytorch.py`` (``F.scaled_dot_product_attention``, fused attention on the
@@ -65,7 +65,7 @@ def build(preset, batch, device, precision, seed=0):
     import nn
     from autograd import backend
     from llm.model import GPT, get_preset
-    from llm.train import train_step
+    from train_step import one_process  # benchmarks/train_step.py: the trainer's one-process step
 
     config = get_preset(preset)
     model = GPT(config, generator=np.random.default_rng(seed))
@@ -75,10 +75,9 @@ def build(preset, batch, device, precision, seed=0):
     tdev = torch.device("cuda" if device.startswith("cuda") else "cpu")
     tmodel.to(tdev)
     topt = torch_adamw(tmodel)
-    model.to(device)
-    mp = nn.amp.MixedPrecision(model, precision)
-    opt = nn.optim.AdamW(mp.param_groups_for_gpt(HYPER["weight_decay"]), lr=HYPER["lr"], betas=HYPER["betas"],
-                         eps=HYPER["eps"])
+    _, opt, step = one_process(model, precision, device)
+    for group in opt.param_groups:
+        group.update(lr=HYPER["lr"], betas=tuple(HYPER["betas"]), eps=HYPER["eps"])
     data = np.random.default_rng(seed + 1).integers(0, c.vocab_size, size=(batch, c.block_size + 1))  # (B, T + 1)
     ids, targets = data[:, :-1], data[:, 1:]
     batch_ours = (backend.to_device(np.ascontiguousarray(ids), device),
@@ -87,7 +86,7 @@ def build(preset, batch, device, precision, seed=0):
     autocast = precision != "fp32"
 
     def ours():
-        return float(train_step(model, mp, opt, [batch_ours], grad_clip=1.0).loss)
+        return float(step(*batch_ours).loss)
 
     def theirs():
         with torch.autocast(tdev.type, dtype=torch.bfloat16, enabled=autocast):

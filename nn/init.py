@@ -18,7 +18,7 @@ The GPT-2 scheme (Radford et al. 2019; nanoGPT's ``_init_weights``):
   growing with depth.
 
 Layers apply this at construction (``Linear(..., init_std=residual_std(n_layer))``
-for the residual projections); ``gpt2_init_`` re-applies it to a whole model.
+for the residual projections).
 """
 
 from __future__ import annotations
@@ -114,22 +114,3 @@ def residual_std(n_layer: int, std: float = GPT2_STD) -> float:
     return std / math.sqrt(2 * n_layer)
 
 
-def gpt2_init_(model, n_layer: int, generator: np.random.Generator | None = None, std: float = GPT2_STD):
-    """Re-initialise ``model`` with the GPT-2 scheme (see the module docstring); returns it.
-
-    Walks the modules in ``named_modules()`` order (so the result depends only
-    on the seed): ``Linear`` weights get N(0, std), or N(0, std/sqrt(2*n_layer))
-    when the layer has ``residual_projection = True``; ``Embedding`` weights
-    N(0, std); biases 0. Other modules (norms) keep their own initialisation.
-    """
-    from .layers.basic import Embedding, Linear
-
-    gen = _resolve(generator)
-    for _, m in model.named_modules():
-        if isinstance(m, Linear):
-            normal_(m.weight, residual_std(n_layer, std) if m.residual_projection else std, generator=gen)
-            if m.bias is not None:
-                zeros_(m.bias)
-        elif isinstance(m, Embedding):
-            normal_(m.weight, std, generator=gen)
-    return model

@@ -237,7 +237,6 @@ def test_causal_self_attention_names_and_init():
     attn = CausalSelfAttention(64, 8, 2, n_layer=6, generator=gen)
     assert [n for n, _ in attn.named_parameters()] == ["c_attn.weight", "c_attn.bias", "c_proj.weight", "c_proj.bias"]
     assert attn.c_attn.weight.shape == (64, (8 + 2 * 2) * 8)
-    assert attn.c_proj.residual_projection and not attn.c_attn.residual_projection
     np.testing.assert_allclose(attn.c_attn.weight.data.std(), 0.02, rtol=0.05)
     np.testing.assert_allclose(attn.c_proj.weight.data.std(), 0.02 / math.sqrt(12), rtol=0.05)
     nb = CausalSelfAttention(16, 4, bias=False)

@@ -23,14 +23,6 @@ def agree_on_stop(comm, requested, *flags):
     return (signals[0] if signals else None), [any(g[i] for _, g in gathered) for i in range(len(flags))]
 
 
-def agree_on_flags(comm, *flags) -> list[bool]:
-    """Each flag True on every rank if it is True on any (one all-gather): a time limit, a divergence."""
-    if comm is None or comm.size == 1:
-        return [bool(f) for f in flags]
-    gathered = comm.allgather([bool(f) for f in flags])
-    return [any(g[i] for g in gathered) for i in range(len(flags))]
-
-
 def rank0_first(comm, fn, errors: tuple = (ValueError,)):
     """``fn()`` on rank 0 first, then on the other ranks (which then find rank 0's cached files); a collective call.
 
@@ -56,4 +48,4 @@ def rank0_first(comm, fn, errors: tuple = (ValueError,)):
     return fn()
 
 
-__all__ = ["agree_on_stop", "agree_on_flags", "rank0_first"]
+__all__ = ["agree_on_stop", "rank0_first"]

@@ -157,8 +157,7 @@ class CausalSelfAttention(Module):
             int(block_size)
         proj_std = init.GPT2_STD if n_layer is None else init.residual_std(n_layer)
         self.c_attn = Linear(n_embd, (n_head + 2 * n_kv_head) * head_dim, bias=bias, generator=generator, dtype=dtype)
-        self.c_proj = Linear(n_embd, n_embd, bias=bias, generator=generator, init_std=proj_std,
-                             residual_projection=True, dtype=dtype)
+        self.c_proj = Linear(n_embd, n_embd, bias=bias, generator=generator, init_std=proj_std, dtype=dtype)
         self.resid_dropout = Dropout(dropout)
         self._rope_cache = {}  # (array-library name, dtype) -> (cos, sin) for positions 0 .. block_size-1
 

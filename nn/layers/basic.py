@@ -87,19 +87,17 @@ class Linear(Module):
 
     (PyTorch stores ``(out, in)`` and transposes in forward; see the module
     docstring.) Initialised the GPT-2 way: weight N(0, ``init_std``), default
-    0.02, bias 0. ``residual_projection=True`` marks a projection into the
-    residual stream, which ``nn.init.gpt2_init_`` scales by 1/sqrt(2 n_layer);
-    pass ``init_std=nn.init.residual_std(n_layer)`` to get that at construction.
+    0.02, bias 0. A projection into the residual stream takes
+    ``init_std=nn.init.residual_std(n_layer)`` (GPT-2's 0.02 / sqrt(2 n_layer)).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  generator: np.random.Generator | None = None, init_std: float = init.GPT2_STD,
-                 residual_projection: bool = False, dtype=np.float32):
+                 dtype=np.float32):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"Linear needs positive sizes, got in_features={in_features}, out_features={out_features}")
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.residual_projection = bool(residual_projection)
         self.weight = Parameter(np.empty((in_features, out_features), dtype=dtype))
         init.normal_(self.weight, init_std, generator=generator)
         if bias:

@@ -1,8 +1,7 @@
 """Feed-forward blocks: GPT-2's MLP and Llama's SwiGLU.
 
 Both end in a projection back into the residual stream (``c_proj`` / ``w2``),
-initialised with GPT-2's ``0.02 / sqrt(2 * n_layer)`` when ``n_layer`` is given
-and marked ``residual_projection`` for ``nn.init.gpt2_init_``.
+initialised with GPT-2's ``0.02 / sqrt(2 * n_layer)`` when ``n_layer`` is given.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ class MLP(Module):
         self.c_fc = Linear(dim, hidden_dim, bias=bias, generator=generator, dtype=dtype)
         self.gelu = GELU(approximate="tanh")
         self.c_proj = Linear(hidden_dim, dim, bias=bias, generator=generator, init_std=_proj_std(n_layer),
-                             residual_projection=True, dtype=dtype)
+                             dtype=dtype)
         self.dropout = Dropout(dropout)
 
     def forward(self, x):
@@ -68,7 +67,7 @@ class SwiGLU(Module):
         self.hidden_dim = hidden_dim
         self.w1 = Linear(dim, hidden_dim, bias=bias, generator=generator, dtype=dtype)
         self.w2 = Linear(hidden_dim, dim, bias=bias, generator=generator, init_std=_proj_std(n_layer),
-                         residual_projection=True, dtype=dtype)
+                         dtype=dtype)
         self.w3 = Linear(dim, hidden_dim, bias=bias, generator=generator, dtype=dtype)
         self.dropout = Dropout(dropout)
 

@@ -96,7 +96,8 @@ class AdamW(Optimizer):
 def adamw_update_(xp, w, m, v, g, tmp, lr, b1, b2, eps, wd, t):
     """One AdamW update of w, m, v in place from g (any matching shapes), using ``tmp`` as scratch.
 
-    The one transcription of the update rule: ``AdamW`` and ZeRO's sharded optimizer both call it.
+    The one transcription of the update rule (ZeRO's shards are updated by ``AdamW`` itself, over their
+    master pieces).
     """
     if wd != 0.0:
         w *= 1.0 - lr * wd
