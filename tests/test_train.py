@@ -666,3 +666,12 @@ def test_recompute_and_fp64_train(corpus, tmp_path, flags):
     assert train_mod.main(argv(corpus, a, steps=3)) == 0
     assert train_mod.main(argv(corpus, b, *flags, steps=3)) == 0
     np.testing.assert_allclose(losses(b), losses(a), rtol=1e-5)
+
+
+def test_one_piece_of_thread_advice_in_the_readme_and_in_help():
+    from llm.trainer.config import threads_note
+
+    readme = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
+    assert threads_note() in readme
+    assert threads_note() in " ".join(train_mod.build_parser().format_help().split())
+    assert "OPENBLAS_NUM_THREADS" not in readme
