@@ -340,13 +340,25 @@ class GPT(nn.Module):
                             "e.g. np.asarray(ids, dtype=np.int64)")
         return backend.to_device(ids, self.device)
 
+    def _check_position_ids(self, position_ids, B: int, T: int):
+        """``position_ids`` as an integer array (B, T) on the parameters' device, every value in [0, block_size)."""
+        position_ids = self._as_ids(position_ids, "position_ids")
+        if position_ids.shape != (B, T):
+            raise ValueError(f"GPT: position_ids of shape {position_ids.shape} must match ids of shape {(B, T)}")
+        lo, hi = int(position_ids.min()), int(position_ids.max())
+        if lo < 0 or hi >= self.config.block_size:
+            raise ValueError(f"GPT: position_ids must lie in [0, block_size={self.config.block_size}), got "
+                             f"{lo} .. {hi}; crop the context to the last {self.config.block_size} tokens")
+        return position_ids
+
     def new_kv_caches(self, max_len: int | None = None) -> list:
         """One empty ``nn.KVCache`` per layer, each holding up to ``max_len`` positions (default: block_size)."""
         max_len = self.config.block_size if max_len is None else max_len
         return [nn.KVCache(max_len) for _ in range(self.config.n_layer)]
 
     # -- forward -------------------------------------------------------------
-    def forward(self, ids, targets=None, kv_caches=None, last_only: bool = False):
+    def forward(self, ids, targets=None, kv_caches=None, last_only: bool = False, position_ids=None,
+                attention_mask=None):
         """Logits ``(B, T, V)`` for token ids ``(B, T)``, and the mean cross-entropy against ``targets``.
 
         ``targets`` (B, T): the next token at each position, ``-100`` where no
@@ -356,9 +368,18 @@ class GPT(nn.Module):
         ``last_only=True`` computes the logits of the last position only
         ``(B, 1, V)``, all that sampling needs (not allowed with targets).
 
+        Rows of different lengths (inference on left-padded batches, packed
+        sequences): ``position_ids`` (B, T) gives each token its own position
+        (``0 <= p < block_size``; default: the cache offset onwards, the same
+        for every row), and ``attention_mask``, boolean of shape
+        ``(B | 1, 1, T | 1, S)`` with ``S`` = cached + T keys, says which keys
+        each query may attend (True), on top of causality: key padding is
+        ``keep[:, None, None, :]``. A query that may attend nothing gets zeros.
+
         A pipeline stage (``pipeline_stage``) runs its part: a stage after the
         first takes the previous stage's activation ``(B, T, C)`` (a Tensor)
-        instead of ids, and a stage before the last returns its activation.
+        instead of ids (with the same ``position_ids`` and ``attention_mask``),
+        and a stage before the last returns its activation.
         """
         c = self.config
         offset = 0
@@ -369,6 +390,9 @@ class GPT(nn.Module):
             offset = kv_caches[0].offset
         if last_only and targets is not None:
             raise ValueError("GPT: last_only=True gives no logits for most targets; use it only to sample")
+        if attention_mask is not None and getattr(attention_mask, "ndim", None) != 4:
+            raise ValueError(f"GPT: attention_mask must be 4-D (B, 1, T, S), got shape "
+                             f"{getattr(attention_mask, 'shape', None)}; for key padding pass keep[:, None, None, :]")
         if self.is_first:
             ids = self._as_ids(ids, "ids")
             if ids.ndim != 2:
@@ -379,20 +403,29 @@ class GPT(nn.Module):
             if offset + T > c.block_size:
                 raise ValueError(f"GPT: {offset} cached + {T} new positions = {offset + T} exceed block_size="
                                  f"{c.block_size}; crop the context to the last {c.block_size} tokens")
+            if position_ids is not None:
+                position_ids = self._check_position_ids(position_ids, B, T)
             x = self.wte(ids)  # (B, T, C)
             if self.wpe is not None:
-                x = x + self.wpe.weight[offset:offset + T]  # (T, C) broadcast over B: rows offset .. offset+T-1
+                if position_ids is None:
+                    x = x + self.wpe.weight[offset:offset + T]  # (T, C) broadcast over B: rows offset .. offset+T-1
+                else:
+                    x = x + self.wpe(position_ids)  # (B, T, C)
             x = self.drop(x)
         elif not isinstance(ids, Tensor):
             raise TypeError(f"stage {self.stage} of the pipeline takes the previous stage's activation as a Tensor "
                             f"(B, T, C), got {type(ids).__name__}")
         else:
             x = ids
+            if position_ids is not None:
+                position_ids = self._check_position_ids(position_ids, x.shape[0], x.shape[1])
         for i, block in zip(self.blocks, self._blocks()):
             if self.recompute and self.training and kv_caches is None:
-                x = nn.recompute(block, x)  # only x is kept: the block runs again in backward
+                # only x is kept: the block runs again in backward
+                x = nn.recompute(lambda h, block=block: block(h, position_ids=position_ids, mask=attention_mask), x)
             else:
-                x = block(x, kv_cache=None if kv_caches is None else kv_caches[i])
+                x = block(x, kv_cache=None if kv_caches is None else kv_caches[i], position_ids=position_ids,
+                          mask=attention_mask)
         if not self.is_last:
             return x
         if last_only:

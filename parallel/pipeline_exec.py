@@ -17,7 +17,8 @@ nothing travels.
 
 A batch is a dict of arrays that share their first axis (rows), e.g.
 ``{"input_ids": (B, T), "labels": (B, T)}``; the caller says how to read it:
-``inputs_fn(batch)`` is what the first stage takes (token ids), ``count_fn(batch)``
+``inputs_fn(batch)`` is what the first stage takes (token ids), ``kwargs_fn(batch)``
+what every stage's forward takes besides (optional), ``count_fn(batch)``
 the number of terms its loss averages over (known before the forward, so every
 micro-batch can be divided by the global count), and ``loss_fn(output, batch)``
 turns the last stage's output into ``(summed loss, count)``.
@@ -217,7 +218,8 @@ class PipelineExecutor:
         w.grad = mine + theirs if self.stage.is_first else theirs + mine
 
     # -- one step ------------------------------------------------------------------------
-    def step(self, micro_batches: list, loss_fn, inputs_fn, count_fn, loss_scale: float = 1.0) -> StepResult:
+    def step(self, micro_batches: list, loss_fn, inputs_fn, count_fn, loss_scale: float = 1.0,
+             kwargs_fn=None) -> StepResult:
         """Forward and backward of every micro-batch by the schedule; gradients summed over dp and tied copies.
 
         ``micro_batches``: ``n_micro`` batches (dicts of arrays, see the module
@@ -226,8 +228,10 @@ class PipelineExecutor:
         stage needs the shapes). Each micro-batch's summed loss is divided by
         the global ``count_fn`` total over all micro-batches and replicas
         before its backward. ``loss_scale``: the last stage back-propagates
-        ``loss * loss_scale`` (mixed precision). Every rank of the grid must
-        call it (a collective call).
+        ``loss * loss_scale`` (mixed precision). ``kwargs_fn(batch)``: keyword
+        arguments every stage's forward takes for the batch (``position_ids``,
+        ``attention_mask`` of packed rows). Every rank of the grid must call it
+        (a collective call).
         """
         if len(micro_batches) != self.n_micro:
             raise ValueError(f"the executor runs {self.n_micro} micro-batches per step, got {len(micro_batches)}")
@@ -283,7 +287,7 @@ class PipelineExecutor:
                 else:
                     inp = Tensor(received.pop((sch.RECV_FWD, i)), requires_grad=True)
                     arg = inp
-                out = stage(arg)
+                out = stage(arg, **(kwargs_fn(batch) if kwargs_fn is not None else {}))
                 if stage.is_last:
                     total, count = loss_fn(_logits(out), batch)
                     expected = int(count_fn(batch))
@@ -358,7 +362,7 @@ class PipelineExecutor:
         return (self.stage.tied_weight[0],) if self.stage.holds_tied_copy else ()
 
     # -- evaluation --------------------------------------------------------------------
-    def eval_loss(self, batches, loss_fn, inputs_fn) -> tuple[float, int]:
+    def eval_loss(self, batches, loss_fn, inputs_fn, kwargs_fn=None) -> tuple[float, int]:
         """``(summed loss, count)`` over the global ``batches``, forward only, in eval mode; a collective call.
 
         Every rank passes the same batches (dicts of arrays); each data-parallel
@@ -389,7 +393,7 @@ class PipelineExecutor:
                         xp = get_array_module(next(iter(stage.parameters())).data)
                         buf = xp.empty(stage.activation_shape(inputs_fn(batch).shape), dtype=stage.activation_dtype)
                         inp = Tensor(comm.recv(buf, source=s - 1, tag=2 * i))
-                    out = stage(inp)
+                    out = stage(inp, **(kwargs_fn(batch) if kwargs_fn is not None else {}))
                     if stage.is_last:
                         loss, n = loss_fn(_logits(out), batch)
                         total += float(backend.to_device(loss.data, "cpu"))

@@ -53,6 +53,11 @@ class Job:
         """What the model's first stage takes: token ids ``(rows, T)``."""
         return batch["input_ids"]
 
+    def model_kwargs(self, batch) -> dict:
+        """Keyword arguments of the model's forward for this batch besides the ids (every pipeline stage gets
+        them): e.g. ``position_ids`` and ``attention_mask`` of packed rows. Default: none."""
+        return {}
+
     def count(self, batch) -> int:
         """The number of terms ``loss`` sums over this batch (labels that are not ``-100``)."""
         return int((_host(batch["labels"]) != -100).sum())

@@ -159,7 +159,8 @@ class Layout:
         scale = mp.scaler.get_scale() if mp.scaler.enabled else 1.0
         # overflows are expected in float16 and are caught below; NumPy's warnings would only repeat them
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            result = self.pipe.step(split_rows(batch, n_micro), job.loss, job.inputs, job.count, loss_scale=scale)
+            result = self.pipe.step(split_rows(batch, n_micro), job.loss, job.inputs, job.count, loss_scale=scale,
+                                    kwargs_fn=job.model_kwargs)
             if not math.isfinite(result.loss) and not mp.scaler.enabled:  # the same global loss on every rank
                 mp.zero_grad()
                 raise nn.amp.NonFiniteError(f"loss is {result.loss}")
@@ -170,7 +171,7 @@ class Layout:
 
     def eval_loss(self, job, batches) -> float:
         """The mean of ``job.loss`` over the global ``batches``, forward only (a collective call)."""
-        total, count = self.pipe.eval_loss(batches, job.loss, job.inputs)
+        total, count = self.pipe.eval_loss(batches, job.loss, job.inputs, job.model_kwargs)
         return total / count if count else math.nan
 
     # -- state: one checkpoint, whatever the layout ------------------------------------------------
