@@ -265,13 +265,25 @@ class GPT(nn.Module):
                             "e.g. np.asarray(ids, dtype=np.int64)")
         return backend.to_device(ids, self.device)
 
+    def _check_position_ids(self, position_ids, B: int, T: int):
+        """``position_ids`` as an integer array (B, T) on the parameters' device, every value in [0, block_size)."""
+        position_ids = self._as_ids(position_ids, "position_ids")
+        if position_ids.shape != (B, T):
+            raise ValueError(f"GPT: position_ids of shape {position_ids.shape} must match ids of shape {(B, T)}")
+        lo, hi = int(position_ids.min()), int(position_ids.max())
+        if lo < 0 or hi >= self.config.block_size:
+            raise ValueError(f"GPT: position_ids must lie in [0, block_size={self.config.block_size}), got "
+                             f"{lo} .. {hi}; crop the context to the last {self.config.block_size} tokens")
+        return position_ids
+
     def new_kv_caches(self, max_len: int | None = None) -> list:
         """One empty ``nn.KVCache`` per layer, each holding up to ``max_len`` positions (default: block_size)."""
         max_len = self.config.block_size if max_len is None else max_len
         return [nn.KVCache(max_len) for _ in range(self.config.n_layer)]
 
     # -- forward -------------------------------------------------------------
-    def forward(self, ids, targets=None, kv_caches=None, last_only: bool = False):
+    def forward(self, ids, targets=None, kv_caches=None, last_only: bool = False, position_ids=None,
+                attention_mask=None):
         """Logits ``(B, T, V)`` for token ids ``(B, T)``, and the mean cross-entropy against ``targets``.
 
         ``targets`` (B, T): the next token at each position, ``-100`` where no
@@ -280,6 +292,14 @@ class GPT(nn.Module):
         ``kv_caches[0].offset ..`` and attend to every cached one.
         ``last_only=True`` computes the logits of the last position only
         ``(B, 1, V)``, all that sampling needs (not allowed with targets).
+
+        Rows of different lengths (inference on left-padded batches, packed
+        sequences): ``position_ids`` (B, T) gives each token its own position
+        (``0 <= p < block_size``; default: the cache offset onwards, the same
+        for every row), and ``attention_mask``, boolean of shape
+        ``(B | 1, 1, T | 1, S)`` with ``S`` = cached + T keys, says which keys
+        each query may attend (True), on top of causality: key padding is
+        ``keep[:, None, None, :]``. A query that may attend nothing gets zeros.
         """
         c = self.config
         ids = self._as_ids(ids, "ids")
@@ -300,12 +320,22 @@ class GPT(nn.Module):
         if last_only and targets is not None:
             raise ValueError("GPT: last_only=True gives no logits for most targets; use it only to sample")
 
+        if position_ids is not None:
+            position_ids = self._check_position_ids(position_ids, B, T)
+        if attention_mask is not None and getattr(attention_mask, "ndim", None) != 4:
+            raise ValueError(f"GPT: attention_mask must be 4-D (B, 1, T, S), got shape "
+                             f"{getattr(attention_mask, 'shape', None)}; for key padding pass keep[:, None, None, :]")
+
         x = self.wte(ids)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe.weight[offset:offset + T]  # (T, C) broadcast over B: rows offset .. offset+T-1
+            if position_ids is None:
+                x = x + self.wpe.weight[offset:offset + T]  # (T, C) broadcast over B: rows offset .. offset+T-1
+            else:
+                x = x + self.wpe(position_ids)  # (B, T, C)
         x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, kv_cache=None if kv_caches is None else kv_caches[i])
+            x = block(x, kv_cache=None if kv_caches is None else kv_caches[i], position_ids=position_ids,
+                      mask=attention_mask)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         x = self.ln_f(x)

@@ -16,6 +16,14 @@ Causality with a KV cache: when ``S > T`` the keys hold ``S - T`` cached past
 positions followed by the T current ones, so query i sits at absolute
 position ``(S - T) + i`` and may attend keys ``j <= i + (S - T)``.
 
+An attention ``mask`` (boolean, broadcastable to ``(B, 1, T, S)``, True = may
+attend) is combined with the causal rule: a query attends key j only where
+both allow it. Key padding is ``mask[:, None, None, :]`` (left-padded batched
+generation with a KV cache); packed sequences use a block-diagonal mask
+``seg[:, None, :, None] == seg[:, None, None, :]`` (with ``causal=True``).
+A query row that may attend to no key at all gets a zero output and zero
+gradients (not the NaN of a softmax over nothing).
+
 Memory: forward saves q, k, v (held by the graph anyway) and the softmax
 probabilities P, ``B * H * T * S`` numbers (on the CPU only its causal blocks,
 about half of that: see ``ScaledDotProductAttention``), so backward needs no
@@ -101,7 +109,10 @@ class ScaledDotProductAttention(Function):
         dP = dO V^T                                 (O is linear in P)
         dS = P * (dP - rowsum(dP * P))              (the softmax Jacobian, row by row)
         dQ = dS K * scale,  dK = dS^T Q * scale     (S is bilinear in Q and K)
-    Masked entries have P = 0 and so get dS = 0. A kv head used by G query
+    Masked entries (future keys, or False in ``mask``: S_ij = -inf) have
+    P = 0 and so get dS = 0; a row with every entry masked has P = 0 (its
+    softmax is defined as zero), so O = 0 there and it passes no gradient.
+    A kv head used by G query
     heads receives the sum of their dK, dV; with the G heads stacked along the
     row axis, ``dS^T Q`` and ``P^T dO`` compute that sum in the matmul itself.
 
@@ -121,10 +132,23 @@ class ScaledDotProductAttention(Function):
     With attention dropout (``keep`` a boolean mask, kept entries scaled by
     1/(1-p)), O = (P * M) V with M = keep / (1 - p): dV = (P * M)^T dO, and dP
     is multiplied by M before the softmax step.
+
+    Attention mask: ``bias`` is ``0`` where the mask allows and ``-inf`` where
+    it does not, in the mask's own (4-D, broadcastable) shape, added to each
+    block's scores; the unmasked path never touches it.
     """
 
-    def __init__(self, scale: float, causal: bool, keep=None, dropout_p: float = 0.0):
-        self.scale, self.causal, self.keep, self.dropout_p = scale, causal, keep, dropout_p
+    def __init__(self, scale: float, causal: bool, keep=None, dropout_p: float = 0.0, bias=None):
+        self.scale, self.causal, self.keep, self.dropout_p, self.bias = scale, causal, keep, dropout_p, bias
+
+    def _bias_block(self, bs, r0, r1, end):
+        """The mask's additive bias for batch slice ``bs``, query rows ``r0:r1`` and keys ``:end``, shaped to
+        broadcast against a block's scores ``(b, h, G, n, end)``: ``(b | 1, 1, 1, n | 1, end | 1)``."""
+        bias = self.bias
+        rows = slice(r0, r1) if bias.shape[2] > 1 else slice(None)
+        batch = bs if bias.shape[0] > 1 else slice(None)
+        keys = slice(0, end) if bias.shape[3] > 1 else slice(None)
+        return bias[batch, :, rows, keys][:, :, None]  # (b | 1, 1, 1, n | 1, end | 1)
 
     def _dropped(self, p, piece, r0, r1, end):
         """P * M for one block of one piece (fresh): the probabilities after dropout, in p's dtype."""
@@ -164,12 +188,24 @@ class ScaledDotProductAttention(Function):
                 # float32 computes straight into P; float16 through a float32 copy (softmax needs its range)
                 s = xp.matmul(qb, kt, out=p) if cd == p.dtype else xp.matmul(qb, kt).astype(cd)
                 s *= cd.type(self.scale)
-                if self.causal:
+                if self.causal or self.bias is not None:
                     s5 = s.reshape(s.shape[0], s.shape[1], G, n, end)  # (b, h, G, n, end): a view into s
-                    s5[..., end - n:] += masks[n]  # the block's diagonal square
-                s -= s.max(axis=-1, keepdims=True)
-                xp.exp(s, out=s)
-                s /= sum_rows_of(s)[..., None]  # (b, h, G*n, 1)
+                    if self.causal:
+                        s5[..., end - n:] += masks[n]  # the block's diagonal square
+                    if self.bias is not None:
+                        s5 += self._bias_block(bs, r0, r1, end)
+                if self.bias is None:
+                    s -= s.max(axis=-1, keepdims=True)
+                    xp.exp(s, out=s)
+                    s /= sum_rows_of(s)[..., None]  # (b, h, G*n, 1)
+                else:  # a row may have no key left: its max is -inf; give it P = 0 instead of NaN
+                    m = s.max(axis=-1, keepdims=True)  # (b, h, G*n, 1)
+                    m[m == -np.inf] = 0
+                    s -= m
+                    xp.exp(s, out=s)
+                    z = sum_rows_of(s)[..., None]  # (b, h, G*n, 1)
+                    z[z == 0] = 1
+                    s /= z
                 if s is not p:
                     p[...] = s  # float16 inputs: P is kept in float16
                 pv = p if self.keep is None else self._dropped(p, (bs, hs), r0, r1, end)
@@ -258,13 +294,37 @@ def _check(q, k, v, causal):
                          f"last T positions of the key sequence), got {S}")
 
 
+def _mask_bias(mask, B: int, T: int, S: int, device: str, dtype):
+    """The additive bias (0 allowed, -inf not) of a boolean ``mask`` broadcastable to ``(B, 1, T, S)``, 4-D."""
+    if isinstance(mask, Tensor):
+        mask = mask.data
+    if not backend.is_array(mask):
+        mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"attention: mask must be a boolean array (True = may attend), got dtype {mask.dtype}; "
+                        "e.g. mask = (padding_ids != pad_id)")
+    if mask.ndim > 4 or mask.ndim == 0:
+        raise ValueError(f"attention: mask must have 1 to 4 axes, broadcastable to (B, 1, T, S) = {(B, 1, T, S)}, "
+                         f"got shape {mask.shape}")
+    shape4 = (1,) * (4 - mask.ndim) + tuple(mask.shape)
+    if any(m not in (1, want) for m, want in zip(shape4, (B, 1, T, S))):
+        raise ValueError(f"attention: a mask of shape {mask.shape} does not broadcast to (B, 1, T, S) = "
+                         f"{(B, 1, T, S)}; key padding is mask[:, None, None, :] of shape (B, 1, 1, S)")
+    mask = backend.to_device(mask, device).reshape(shape4)  # (B | 1, 1, T | 1, S | 1)
+    xp = get_array_module(mask)
+    return xp.where(mask, dtype.type(0), dtype.type(-np.inf))
+
+
 def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | None = None, dropout_p: float = 0.0,
-                                 training: bool = True, generator=None) -> Tensor:
-    """softmax(q k^T * scale + causal mask) v, as one fused node; returns ``(B, H, T, D)``.
+                                 training: bool = True, generator=None, mask=None) -> Tensor:
+    """softmax(q k^T * scale + causal mask + attention mask) v, as one fused node; returns ``(B, H, T, D)``.
 
     ``q``: ``(B, H, T, D)``; ``k``, ``v``: ``(B, Hkv, S, D)`` with ``H % Hkv == 0``
     (MHA, GQA, MQA). With ``S > T`` the first ``S - T`` keys are cached past
-    positions (see the module doc). ``scale`` defaults to ``1 / sqrt(D)``.
+    positions (see the module doc). ``mask``: None, or a boolean array
+    broadcastable to ``(B, 1, T, S)``, True where a query may attend a key,
+    combined with the causal rule; a row that may attend nothing gives zeros.
+    ``scale`` defaults to ``1 / sqrt(D)``.
     ``dropout_p`` drops attention probabilities in training (mask drawn from
     ``generator`` or ``autograd.random``'s default generator). float16 inputs
     get their softmax in float32 and a float16 output.
@@ -290,7 +350,11 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, scale: float | No
         if get_array_module(u) is not xp:
             u = backend.to_device(u, q.device)
         keep = u >= np.float32(dropout_p)
-    return ScaledDotProductAttention(float(scale), bool(causal), keep, float(dropout_p))(q, k, v)
+    bias = None
+    if mask is not None:
+        B, _, T, _ = q.shape
+        bias = _mask_bias(mask, B, T, k.shape[2], q.device, _compute_dtype(q.dtype))
+    return ScaledDotProductAttention(float(scale), bool(causal), keep, float(dropout_p), bias)(q, k, v)
 
 
 __all__ = ["ScaledDotProductAttention", "scaled_dot_product_attention", "causal_mask_bias", "BLOCK_ROWS"]

@@ -130,10 +130,14 @@ def check_heads(n_embd: int, n_head: int, n_kv_head: int | None):
 class CausalSelfAttention(Module):
     """Multi-head causal self-attention with grouped-query heads (``n_kv_head``) and optional RoPE.
 
-    ``forward(x, kv_cache=None, offset=None)`` maps ``(B, T, n_embd)`` to
-    ``(B, T, n_embd)``. With a ``KVCache`` the keys of earlier calls are
-    attended too, and the new tokens sit at positions ``kv_cache.offset ..``;
-    ``offset`` gives the first position when there is no cache (RoPE only).
+    ``forward(x, kv_cache=None, offset=None, position_ids=None, mask=None)``
+    maps ``(B, T, n_embd)`` to ``(B, T, n_embd)``. With a ``KVCache`` the keys
+    of earlier calls are attended too, and the new tokens sit at positions
+    ``kv_cache.offset ..``; ``offset`` gives the first position when there is
+    no cache (RoPE only). ``position_ids`` ``(B, T)`` gives every row its own
+    positions instead (RoPE only; e.g. left-padded rows), and ``mask`` (boolean,
+    broadcastable to ``(B, 1, T, S)``, True = may attend) restricts the keys
+    further than causality (see ``nn.functional.attention``).
     ``dropout`` applies to the attention probabilities and to the output
     (nanoGPT's attn_dropout and resid_dropout), in training mode only.
     ``block_size`` sizes the precomputed RoPE tables (longer sequences compute
@@ -173,7 +177,17 @@ class CausalSelfAttention(Module):
         cos, sin = self._rope_cache[key]
         return cos[start:start + length], sin[start:start + length]
 
-    def forward(self, x, kv_cache: KVCache | None = None, offset: int | None = None):
+    def _rope_rows(self, xp, dtype, position_ids):
+        """cos, sin of shape (B, 1, T, head_dim / 2) for per-row positions ``position_ids`` (B, T)."""
+        if int(position_ids.max()) < self.block_size:
+            cos, sin = self._rope_tables(xp, dtype, 0, self.block_size)  # (block_size, hd / 2)
+            return cos[position_ids][:, None], sin[position_ids][:, None]  # (B, 1, T, hd / 2)
+        dtype = np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+        cos, sin = rope_tables(self.head_dim, position_ids.reshape(-1), base=self.rope_base, dtype=dtype, xp=xp)
+        B, T = position_ids.shape
+        return cos.reshape(B, 1, T, -1), sin.reshape(B, 1, T, -1)  # (B*T, hd / 2) -> (B, 1, T, hd / 2)
+
+    def forward(self, x, kv_cache: KVCache | None = None, offset: int | None = None, position_ids=None, mask=None):
         if x.ndim != 3 or x.shape[-1] != self.n_embd:
             raise ValueError(f"CausalSelfAttention expects x of shape (B, T, n_embd={self.n_embd}), got {x.shape}")
         if kv_cache is not None:
@@ -191,12 +205,16 @@ class CausalSelfAttention(Module):
         k = k.reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)  # (B, Hkv, T, hd)
         v = v.reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)  # (B, Hkv, T, hd)
         if self.rope:
-            cos, sin = self._rope_tables(get_array_module(x.data), x.dtype, start, T)  # (T, hd / 2)
+            if position_ids is None:
+                cos, sin = self._rope_tables(get_array_module(x.data), x.dtype, start, T)  # (T, hd / 2)
+            else:
+                cos, sin = self._rope_rows(get_array_module(x.data), x.dtype, position_ids)  # (B, 1, T, hd / 2)
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, Hkv, S, hd), S = cached + T
-        y = scaled_dot_product_attention(q, k, v, causal=True, dropout_p=self.dropout, training=self.training)
+        y = scaled_dot_product_attention(q, k, v, causal=True, dropout_p=self.dropout, training=self.training,
+                                         mask=mask)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, H, hd) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -31,7 +31,7 @@ class Block(Module):
     hidden size. The other arguments go to ``CausalSelfAttention``; ``n_layer``
     scales both residual projections' init, ``generator`` draws every weight.
 
-    ``forward(x, kv_cache=None, offset=None)``: see ``CausalSelfAttention``.
+    ``forward(x, kv_cache=None, offset=None, position_ids=None, mask=None)``: see ``CausalSelfAttention``.
     """
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, mlp: str = "gelu",
@@ -62,8 +62,8 @@ class Block(Module):
             return LayerNorm(dim, eps=1e-5 if eps is None else eps, bias=bias, dtype=dtype)
         return RMSNorm(dim, eps=1e-6 if eps is None else eps, dtype=dtype)
 
-    def forward(self, x, kv_cache: KVCache | None = None, offset: int | None = None):
-        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache, offset=offset)
+    def forward(self, x, kv_cache: KVCache | None = None, offset: int | None = None, position_ids=None, mask=None):
+        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache, offset=offset, position_ids=position_ids, mask=mask)
         return x + self.mlp(self.ln_2(x))
 
 
