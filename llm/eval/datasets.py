@@ -203,12 +203,17 @@ def dataset_info(task: str) -> DatasetInfo:
 # ---------------------------------------------------------------------------
 
 
+_SINGULAR = {str: "a string", int: "an integer", bool: "a boolean (true/false)", float: "a number"}
+_PLURAL = {str: "strings", int: "integers", bool: "booleans", float: "numbers"}
+
+
 def _type_name(spec) -> str:
     if isinstance(spec, list):
-        return f"a list of {_type_name(spec[0])}s"
+        inner = spec[0]
+        return "a list of " + (_PLURAL[inner] if inner in _PLURAL else "items that are " + _type_name(inner))
     if isinstance(spec, dict):
         return "an object with fields " + ", ".join(spec)
-    return {str: "string", int: "integer", bool: "boolean (true/false)", float: "number"}[spec]
+    return _SINGULAR[spec]
 
 
 def _type_problem(value, spec, where: str):

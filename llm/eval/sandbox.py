@@ -174,7 +174,7 @@ def _run_in(folder, source, timeout_s, memory_mb, max_processes, max_output_byte
     report_r, report_w = os.pipe()
     config = {"program": program, "folder": folder, "run_name": run_name, "guard": bool(guard),
               "report_fd": report_w, "memory_bytes": int(memory_mb * 2**20),
-              "cpu_seconds": int(math.ceil(timeout_s)) + 1, "backstop_seconds": int(math.ceil(timeout_s)) + 5,
+              "cpu_seconds": int(math.ceil(timeout_s)) + 1, "backstop_seconds": int(math.ceil(timeout_s)) + 2,
               "file_bytes": int(file_size_mb * 2**20),
               "open_files": int(open_files), "max_processes": int(max_processes)}
     try:
@@ -238,6 +238,8 @@ def _run_in(folder, source, timeout_s, memory_mb, max_processes, max_output_byte
         proc.stderr.close()
     wall = time.monotonic() - start
     stdout, stderr = (bytes(t).decode("utf-8", "replace") for t in tails.values())
+    if not stopped and wall > timeout_s + _POLL_S:  # e.g. ended by the supervisor's backstop alarm first
+        stopped = f"timed out after {timeout_s:g} s (wall clock)"
     rc = proc.returncode
     how = bytes(report).decode("ascii", "replace")
     result = SandboxResult("failed", rc, stdout, stderr, "", wall, total_output)
