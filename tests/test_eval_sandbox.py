@@ -61,6 +61,13 @@ def test_a_wrong_answer_fails_and_says_which_exception():
     assert 'program.py", line 3' in r.stderr and "sandbox_child" not in r.stderr  # the program's own frames
 
 
+def test_a_syntax_error_is_the_programs_failure():
+    r = run_program("def f(:\n    return 1")
+    assert r.status == "failed" and r.reason.startswith("SyntaxError") and 'program.py", line 1' in r.stderr
+    assert "Traceback" not in r.stderr and "sandbox_child" not in r.stderr  # printed as Python prints it for a script
+    assert run_program("x = 1\0").status == "failed"
+
+
 def test_runs_in_a_fresh_isolated_interpreter_in_an_empty_folder():
     r = run_program("import os, sys\nprint(sorted(os.listdir('.')))\nprint(sys.flags.isolated, sys.flags.no_site)\n"
                     "print(os.environ.get('HOME') == os.getcwd())\nprint('llm' in sys.modules)")
@@ -84,6 +91,22 @@ def test_run_name_decides_whether_main_blocks_run():
 def test_stdin_is_closed():
     r = run_program("input()")
     assert r.status == "failed" and r.reason.startswith("EOFError")
+
+
+def test_the_folder_is_removed_afterwards_even_when_the_program_locked_it():
+    r = run_program("import os\nos.makedirs('a/b')\nopen('a/b/f', 'w').write('x')\nos.chmod('a/b', 0)\nos.chmod('a', 0)\n"
+                    "print(os.getcwd())")
+    assert r.passed and r.stdout.startswith("/") and not os.path.exists(r.stdout.strip())
+
+
+def test_a_sandbox_that_cannot_start_reports_an_error_not_an_exception(tmp_path):
+    r = run_program("print(1)", python=str(tmp_path / "no-such-python"))
+    assert r.status == "error" and r.returncode is None and "could not run the program" in r.reason
+
+
+def test_a_memory_limit_too_small_for_python_is_a_sandbox_error_not_a_failure():
+    r = run_program("print(1)", memory_mb=1)
+    assert r.status == "error" and r.reason.startswith("the sandbox failed before the program started")
 
 
 def test_bad_limits_are_refused_with_a_message():

@@ -20,7 +20,8 @@ in a new session, with an empty environment but for a few safe variables, stdin 
 
 The result says how it ended: ``passed`` (exit status 0 after the program ran to its end),
 ``failed`` (an exception, a nonzero exit, a signal, or a cap it exceeded: ``reason`` says which),
-``timeout`` (wall-clock or CPU time), or ``error`` (the sandbox itself could not run it).
+``timeout`` (wall-clock or CPU time), or ``error`` (the sandbox itself could not start it, e.g. a
+memory limit too small for Python to start).
 
 ``run_programs(sources, workers=2)`` runs many programs at once, each in its own sandbox.
 
@@ -124,6 +125,20 @@ def _kill_everything(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _remove_folder(folder: str) -> None:
+    """Deletes the program's folder, even where it took away its own permissions (chmod 000 on a subfolder)."""
+    def make_writable_and_retry(func, path, _exc_info):
+        try:
+            os.chmod(os.path.dirname(path), 0o700)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.chmod(path, 0o700)
+            func(path)
+        except OSError:
+            pass
+
+    shutil.rmtree(folder, onerror=make_writable_and_retry)
+
+
 def _child_env(folder: str, extra) -> dict:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": folder, "TMPDIR": folder, "LANG": "C.UTF-8",
            "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -163,7 +178,7 @@ def run_program(source: str, timeout_s: float = 10.0, memory_mb: int = 512, *, m
         return SandboxResult("error", None, "", "", f"the sandbox could not run the program: {e}",
                              time.monotonic() - start)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove_folder(folder)
 
 
 def _run_in(folder, source, timeout_s, memory_mb, max_processes, max_output_bytes, tail_bytes, file_size_mb,
@@ -182,6 +197,9 @@ def _run_in(folder, source, timeout_s, memory_mb, max_processes, max_output_byte
             [python or sys.executable, "-I", "-S", "-B", "-X", "utf8", _CHILD, marshal.dumps(config).hex()],
             cwd=folder, env=_child_env(folder, env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, pass_fds=(report_w,), start_new_session=True, close_fds=True)
+    except BaseException:
+        os.close(report_r)
+        raise
     finally:
         os.close(report_w)
     deadline = start + timeout_s
@@ -238,17 +256,21 @@ def _run_in(folder, source, timeout_s, memory_mb, max_processes, max_output_byte
         proc.stderr.close()
     wall = time.monotonic() - start
     stdout, stderr = (bytes(t).decode("utf-8", "replace") for t in tails.values())
-    if not stopped and wall > timeout_s + _POLL_S:  # e.g. ended by the supervisor's backstop alarm first
-        stopped = f"timed out after {timeout_s:g} s (wall clock)"
+    if not stopped and ended_at is not None and ended_at - start > timeout_s + _POLL_S:
+        stopped = f"timed out after {timeout_s:g} s (wall clock)"  # ended by the supervisor's backstop alarm first
     rc = proc.returncode
-    how = bytes(report).decode("ascii", "replace")
+    how = bytes(report).decode("ascii", "replace")  # "started", then "returned" or "exit" (sandbox_child.run)
     result = SandboxResult("failed", rc, stdout, stderr, "", wall, total_output)
-    if stopped:
+    if not how.startswith("started") and not stopped:
+        result.status = "error"
+        result.reason = ("the sandbox failed before the program started: "
+                         + (_last_line(stderr) or f"exit status {rc}"))
+    elif stopped:
         result.status = "timeout" if stopped.startswith("timed out") else "failed"
         result.reason = stopped
     elif rc == -signal.SIGXCPU:
         result.status, result.reason = "timeout", f"CPU time limit ({config['cpu_seconds']} s)"
-    elif rc == 0 and (how == "returned" or allow_exit):
+    elif rc == 0 and (how.endswith("returned") or allow_exit):
         result.status = "passed"
     elif rc == 0:
         result.reason = "the program called exit() before its end"

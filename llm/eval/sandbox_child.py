@@ -18,7 +18,8 @@ the ``site`` hooks of ``.pth`` files, whose site-packages folders are put on the
    refused operation raises ``PermissionError`` inside the program. The guard stops accidents,
    not a determined attacker; the limits and the parent's kill are the containment;
 4. runs the program's source (in the child) as a module named ``run_name`` (``"__main__"`` for a
-   script) and reports on the file descriptor ``report_fd`` whether it returned or called ``exit``.
+   script) and reports on the file descriptor ``report_fd`` that it started it, then whether it
+   returned or called ``exit`` (a sandbox that fails before "started" is an error, not a failure).
 """
 
 import builtins
@@ -210,19 +211,27 @@ def supervise(pid, config):
 
 
 def run(config):
-    """Runs the program as a module named ``run_name``; writes "returned" or "exit" to the report descriptor."""
+    """Runs the program as a module named ``run_name``; reports "started", then "returned" or "exit"."""
     program = config["program"]
+    report_fd = config["report_fd"]
     with open(program, encoding="utf-8") as f:
-        code = compile(f.read(), program, "exec")
+        source = f.read()
+    try:
+        code = compile(source, program, "exec")
+    except (SyntaxError, ValueError) as e:  # the program's own fault (ValueError: a null byte), as for a script
+        os.write(report_fd, b"started ")
+        e.__traceback__ = None
+        sys.excepthook(type(e), e, None)
+        sys.exit(1)
     module = type(sys)(config["run_name"])  # a new module object
     module.__file__ = program
     module.__builtins__ = builtins
     if config["run_name"] == "__main__":
         sys.modules["__main__"] = module
     sys.argv = [program]
-    report_fd = config["report_fd"]
     if config["guard"]:
         install_guard(config["folder"])
+    os.write(report_fd, b"started ")
     try:
         exec(code, module.__dict__)
     except SystemExit:
