@@ -288,10 +288,12 @@ class ArrowTable:
 
     @property
     def column_names(self) -> list:
+        """The columns' names, in the schema's order."""
         return [f.name for f in self.fields]
 
     @property
     def num_rows(self) -> int:
+        """The number of rows (0 for a table without columns)."""
         return len(next(iter(self.columns.values()))) if self.columns else 0
 
     def to_pylist(self) -> list:

@@ -506,6 +506,7 @@ def docs_file(task: str, split: str | None = None, cache_dir=None, log=print) ->
     """The cached JSONL file of ``task``'s ``split`` (default: the harness's split), fetched and converted if needed."""
     info = dataset_info(task)
     split = split or info.default_split
+    log = log or (lambda *args: None)
     if split not in info.splits:
         raise DataError(f"task {task} has no split {split!r}; available: {', '.join(info.splits)}")
     root = _root(cache_dir)
@@ -523,7 +524,8 @@ def load_docs(task: str, split: str | None = None, data_file: str | None = None,
 
     ``split`` defaults to the split the harness scores (``DATASETS[task].default_split``).
     ``data_file``: read the user's own JSONL instead (each line checked for the required fields).
-    ``cache_dir`` overrides ``<cache>/eval``; ``log`` receives one line per download or conversion.
+    ``cache_dir`` overrides ``<cache>/eval``; ``log`` receives one line per download or conversion
+    (``None``: silent).
     Raises ``DataError`` (or its subclasses) with a message that says what to do.
     """
     if data_file is not None:

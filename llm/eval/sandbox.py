@@ -77,6 +77,7 @@ class SandboxResult:
 
     @property
     def passed(self) -> bool:
+        """True when the program ran to its end and exited with status 0."""
         return self.status == "passed"
 
 
