@@ -205,11 +205,11 @@ class DPOJob(Job):
             extra = {name: load_pairs(dataset=name, log=log) for name in self._eval_sets()}
         except DataError as e:
             raise SetupError(str(e)) from None
-        if len(pairs) < 2:
-            raise SetupError(f"the data has {len(pairs)} pair(s); DPO needs some to train on and some to hold out")
         train_idx, val_idx = split_indices(len(pairs), min(args.val_size, len(pairs) // 2), args.max_pairs)
         cap = args.eval_batches * args.batch_size
-        sets = {"train": [pairs[i] for i in train_idx], "val": [pairs[i] for i in val_idx]}
+        sets = {"train": [pairs[i] for i in train_idx]}
+        if len(val_idx):
+            sets["val"] = [pairs[i] for i in val_idx]
         sets.update({name: p[:cap] for name, p in extra.items()})
         pad = self.start.tokens.pad
         self.rows = {}
@@ -231,9 +231,8 @@ class DPOJob(Job):
         if args.reference == "precomputed":
             for name, rows in self.rows.items():
                 rows["ref_logps"] = self._precompute(rows)
-        log(f"data: {len(self.rows['train']['input_ids']):,} training pairs, {len(self.rows['val']['input_ids']):,} "
-            f"held out" + "".join(f", {len(r['input_ids']):,} {n}" for n, r in self.rows.items()
-                                  if n not in ("train", "val"))
+        log(f"data: {len(self.rows['train']['input_ids']):,} training pairs" + "".join(
+            f", {len(r['input_ids']):,} {'held out' if n == 'val' else n}" for n, r in self.rows.items() if n != "train")
             + f"; {args.loss} loss, beta {self.beta:g}" + (f", label smoothing {self.smoothing:g}" if self.smoothing
                                                            else "")
             + f", {'mean' if self.mean_logps else 'summed'} log-probabilities, {args.reference} reference")

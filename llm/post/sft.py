@@ -98,9 +98,6 @@ class SFTJob(Job):
                                                log=log)
         except DataError as e:
             raise SetupError(str(e)) from None
-        if len(conversations) < 2:
-            raise SetupError(f"the data has {len(conversations)} record(s); SFT needs some to train on and some to "
-                             "hold out")
         val_size = min(args.val_size, len(conversations) // 2)
         train_idx, val_idx = split_indices(len(conversations), val_size, args.max_examples)
         self.val_conversations = [conversations[i][1] for i in val_idx]
@@ -114,7 +111,7 @@ class SFTJob(Job):
         pad = self.start.tokens.pad
         width = length if args.packing else max(len(x) for x, _ in train)
         self.train_rows = pack_rows(train, width, pad) if args.packing else pad_rows(train, width, pad)
-        self.val_rows = pad_rows(val, max(len(x) for x, _ in val), pad)
+        self.val_rows = pad_rows(val, max(len(x) for x, _ in val), pad) if val else None
         n_rows = len(self.train_rows["input_ids"])
         tokens = sum(int((y != -100).sum()) for _, y in train)
         log(f"data: {len(train):,} training examples in {n_rows:,} rows of {width} positions"
@@ -134,6 +131,8 @@ class SFTJob(Job):
         return {"position_ids": batch["position_ids"], "attention_mask": attention_mask(batch["segment_ids"])}
 
     def evaluate(self, trainer, step):
+        if self.val_rows is None:
+            return {}
         rows = batches_of(self.val_rows, self.args.batch_size)[:self.args.eval_batches]
         metrics = {"val_loss": trainer.eval_loss(rows)}
         metrics.update(self._replies(trainer))
@@ -192,9 +191,9 @@ def add_data_flags(parser, kind: str, default_data: str):
     d.add_argument("--subtasks", default=None, metavar="GLOBS",
                    help="keep only these subtasks / tasks of --data, comma-separated glob patterns (e.g. "
                         "'subtask041*,subtask033*' of natural_instructions)")
-    d.add_argument("--val-size", metavar="N", type=positive_int, default=200,
+    d.add_argument("--val-size", metavar="N", type=nonneg_int, default=200,
                    help="records held out for evaluation, drawn the same way whatever --seed is (at most half the "
-                        "data) (default 200)")
+                        "data; 0: none) (default 200)")
     return d
 
 
