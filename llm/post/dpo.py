@@ -225,9 +225,6 @@ class DPOJob(Job):
         self._policy = None
         self._ref = None
         self._stats = _Stats()
-        if args.reference == "model" and args.pp > 1:
-            raise SetupError("--reference model runs the reference inside the loss, which needs the whole model on one "
-                             "process: use --pp 1, or the default --reference precomputed")
         if args.reference == "precomputed":
             for name, rows in self.rows.items():
                 rows["ref_logps"] = self._precompute(rows)
@@ -444,6 +441,9 @@ def main(argv=None, comm=None) -> int:
             raise SetupError(f"--label-smoothing applies to the sigmoid loss only, not to {args.loss}")
         if not 0.0 <= args.label_smoothing < 0.5:
             raise SetupError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+        if args.reference == "model" and args.pp > 1:
+            raise SetupError("--reference model runs the reference inside the loss, which needs the whole model on one "
+                             "process: use --pp 1, or the default --reference precomputed")
     except SetupError as e:
         print(f"python -m llm dpo: error: {e}", file=sys.stderr)
         return 2
