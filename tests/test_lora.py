@@ -8,6 +8,7 @@ import nn
 from autograd import Tensor, gradcheck, no_grad
 from llm.model import GPT, get_preset
 from nn import LoRALinear, apply_lora, lora_disabled, lora_layers, lora_state_dict, merged_state_dict
+from nn.layers.lora import lora_linear
 
 
 def tiny(dtype=np.float64, tied=True):
@@ -73,6 +74,23 @@ def test_lora_linear_gradients_pass_gradcheck(rng):
     out.sum().backward()
     assert layer.weight.grad is None and layer.bias.grad is None  # frozen: no gradient is even computed
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropped", [True, False])
+def test_the_fused_op_passes_gradcheck_for_every_input(rng, bias, dropped):
+    leaf = lambda *shape: Tensor(rng.standard_normal(shape), requires_grad=True)  # noqa: E731
+    x, w, a, b = leaf(2, 3, 5), leaf(5, 4), leaf(5, 2), leaf(2, 4)
+    extra = [leaf(4)] if bias else []
+    extra += [leaf(2, 3, 5)] if dropped else []  # the dropped-out input of the update, a separate input
+
+    def f(x, w, a, b, *rest):
+        return lora_linear(x, w, rest[0] if bias else None, a, b, 1.5, x_dropped=rest[-1] if dropped else None)
+
+    gradcheck(f, x, w, a, b, *extra)
+    want = x.data @ w.data + (extra[0].data if bias else 0) + 1.5 * ((extra[-1] if dropped else x).data @ a.data) \
+        @ b.data
+    np.testing.assert_allclose(f(x, w, a, b, *extra).data, want, rtol=1e-12, atol=1e-12)
 
 
 def test_the_update_is_scaled_by_alpha_over_r(rng):

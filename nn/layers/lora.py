@@ -15,8 +15,10 @@ G = dL/dy (N, out)); the frozen W and b get none:
     dL/dA = s dropout'(X)^T (G B^T)     (in, r)
     dL/dX = G W^T + s dropout'(G B^T A^T)
 
-Every one of them comes from the two ``linear`` ops of the forward, which
-already carry their derivations (``nn.layers.basic.LinearFunction``).
+``LoRALinearFunction`` computes the layer as one node and keeps only what
+those need: the input rows X (which a plain linear layer keeps too) and H
+(N, r); the (N, out) update is a temporary of the forward, not an activation
+held until backward, so a LoRA step holds barely more than the frozen layer's.
 
 ``apply_lora(model, targets, rank, alpha)`` swaps the chosen ``Linear``
 layers of a model for ``LoRALinear`` layers that share their weights, and
@@ -36,11 +38,86 @@ import numbers
 
 import numpy as np
 
+from autograd import kernels
 from autograd.backend import get_array_module
+from autograd.engine import Function
 
 from .. import init
 from ..module import Module, Parameter
-from .basic import Dropout, Linear, linear
+from .basic import Dropout, Linear, _column_sums, linear
+
+
+class LoRALinearFunction(Function):
+    """y = x W + b + s (xd A) B as one node: x (..., in), W (in, out), A (in, r), B (r, out), s = alpha / r.
+
+    Inputs ``(x, W, A, B[, b][, xd])``: ``xd`` is the dropped-out input of the
+    update (a separate input, ``dropout(x)``); without it the update reads x.
+    With X, Xd the inputs flattened to (N, in), H = Xd A (N, r) and G = dL/dy
+    flattened to (N, out):
+
+        dL/dB = s H^T G             (r, out)
+        dL/dH = s G B^T             (N, r)
+        dL/dA = Xd^T dL/dH          (in, r)
+        dL/dXd = dL/dH A^T          (N, in)   (added to dL/dX when xd is x)
+        dL/dX = G W^T (+ dL/dXd)    (N, in)
+        dL/dW = X^T G, dL/db = sum_n G[n]    (only when not frozen)
+
+    Saved: X, Xd (the same array without dropout) and H; W, A, B are parameters.
+    """
+
+    def __init__(self, scaling: float, has_bias: bool, has_xd: bool):
+        self.scaling, self.has_bias, self.has_xd = float(scaling), bool(has_bias), bool(has_xd)
+
+    def forward(self, x, w, a, b, *rest):
+        bias = rest[0] if self.has_bias else None
+        n_in, n_out = w.shape
+        if x.shape[-1] != n_in or a.shape != (n_in, b.shape[0]) or b.shape[1] != n_out:
+            raise ValueError(f"LoRA linear: input {x.shape}, weight {w.shape}, A {a.shape} and B {b.shape} do not fit "
+                             "(x (..., in), W (in, out), A (in, r), B (r, out))")
+        self.lead = x.shape[:-1]
+        x2 = x.reshape(-1, n_in)  # (N, in)
+        xd2 = rest[-1].reshape(-1, n_in) if self.has_xd else x2  # (N, in)
+        h = kernels.matmul(xd2, a)  # (N, r)
+        y = kernels.matmul(x2, w, bias=bias)  # (N, out)
+        y += kernels.matmul(h * self.scaling, b)  # (N, out): a temporary, not kept
+        self.x2, self.xd2, self.h, self.w, self.a, self.b = x2, xd2, h, w, a, b
+        return y.reshape(*self.lead, n_out)  # (..., out)
+
+    def backward(self, gy):
+        need = self.needs_input_grad
+        need_x, need_w, need_a, need_b = need[:4]
+        need_bias = self.has_bias and need[4]
+        need_xd = self.has_xd and need[-1]
+        s, w, a, b = self.scaling, self.w, self.a, self.b
+        g2 = gy.reshape(-1, w.shape[1])  # (N, out)
+        gh = kernels.matmul(g2, b.T) * s if (need_a or need_x or need_xd) else None  # (N, r)
+        ga = kernels.matmul(self.xd2.T, gh) if need_a else None  # (in, r)
+        gb = kernels.matmul(self.h.T, g2) * s if need_b else None  # (r, out)
+        gxd = kernels.matmul(gh, a.T) if (need_xd or (need_x and not self.has_xd)) else None  # (N, in)
+        gx = None
+        if need_x:
+            gx = kernels.matmul(g2, w.T)  # (N, in)
+            if not self.has_xd:
+                gx += gxd
+            gx = gx.reshape(*self.lead, w.shape[0])  # (..., in)
+        gw = kernels.matmul(self.x2.T, g2) if need_w else None  # (in, out)
+        grads = [gx, gw, ga, gb]
+        if self.has_bias:
+            gbias = None
+            if need_bias:
+                gbias = get_array_module(g2).empty(w.shape[1], dtype=g2.dtype)
+                _column_sums(g2, out=gbias)
+            grads.append(gbias)
+        if self.has_xd:
+            grads.append(gxd.reshape(*self.lead, w.shape[0]) if need_xd else None)  # (..., in)
+        return tuple(grads)
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, x_dropped=None):
+    """``x @ weight + bias + scaling * (x_dropped @ lora_a) @ lora_b`` as one node (``x_dropped`` defaults to x)."""
+    inputs = [x, weight, lora_a, lora_b] + ([bias] if bias is not None else []) + \
+        ([x_dropped] if x_dropped is not None else [])
+    return LoRALinearFunction(scaling, bias is not None, x_dropped is not None)(*inputs)
 
 
 class LoRALinear(Linear):
@@ -88,11 +165,11 @@ class LoRALinear(Linear):
         return self._unmerged is not None
 
     def forward(self, x):
-        y = linear(x, self.weight, self.bias)
         if not self.enabled or self.merged:
-            return y
-        update = linear(linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
-        return y + update * self.scaling  # a Python float keeps the dtype
+            return linear(x, self.weight, self.bias)
+        dropped = self.lora_dropout(x)
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                           x_dropped=None if dropped is x else dropped)
 
     def delta(self):
         """The update ``(alpha / r) A B`` as an array of the weight's shape ``(in, out)``."""
@@ -205,4 +282,4 @@ def lora_disabled(model: Module):
             m.enabled = was
 
 
-__all__ = ["LoRALinear", "apply_lora", "lora_layers", "lora_state_dict", "merged_state_dict", "lora_disabled"]
+__all__ = ["LoRALinearFunction", "lora_linear", "LoRALinear", "apply_lora", "lora_layers", "lora_state_dict", "merged_state_dict", "lora_disabled"]
