@@ -510,8 +510,8 @@ def build_dataset(sources, tokenizer, out_dir, val_fraction=0.1, *, text_field="
     Args:
         sources: a list of files, folders, glob patterns, JSON-lines files and/or "default" (module docstring).
         tokenizer: an ``llm.tokenizer.Tokenizer`` (it must have ``<|endoftext|>``).
-        out_dir: the dataset folder (created if needed). Only ``meta.json``, ``train_*.bin`` and
-            ``val_*.bin`` in it are ever written or removed.
+        out_dir: the dataset folder (created if needed, and removed again if that first build fails).
+            Only ``meta.json``, ``train_*.bin`` and ``val_*.bin`` in it are ever written or removed.
         val_fraction: the share of tokens for the validation split (0 <= val_fraction < 1).
         text_field: the field of a JSON-lines record that holds the text.
         extensions: the file endings a folder source takes.
@@ -544,7 +544,29 @@ def build_dataset(sources, tokenizer, out_dir, val_fraction=0.1, *, text_field="
     options = _options(val_fraction, text_field, extensions, split_seed, shard_tokens, default_max_bytes)
     key = _build_key(tok_sha, src_sha, options)
 
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _reuse_or_build(out_dir, resolved, tokenizer, eot, n_vocab, dtype, tok_sha, src_sha, src_summary,
+                               options, key, rebuild, log)
+    except BaseException:
+        if made:  # a failed first build (an empty or unreadable source) leaves no folder behind
+            _remove_failed_build(out_dir)
+        raise
+
+
+def _remove_failed_build(out_dir):
+    """Remove what a failed build left in the folder it made (its lock, temporaries, shards), then the folder."""
+    for p in out_dir.iterdir():
+        if p.name == ".lock" or p.name.startswith(".tmp-") or _SHARD_RE.match(p.name):
+            p.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # something else is in it: leave it
+        out_dir.rmdir()
+
+
+def _reuse_or_build(out_dir, resolved, tokenizer, eot, n_vocab, dtype, tok_sha, src_sha, src_summary, options, key,
+                    rebuild, log):
+    """``build_dataset`` once the folder exists: reuse a matching dataset, or build it, holding the folder's lock."""
     with _build_lock(out_dir):
         meta_path = out_dir / META_NAME
         if meta_path.exists() and not _is_ours(meta_path):
