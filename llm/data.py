@@ -146,8 +146,9 @@ def resolve_sources(sources, extensions=DEFAULT_EXTENSIONS):
             files = sorted(p for p in root.rglob("*")
                            if p.is_file() and _has_extension(p, extensions) and not _is_hidden(p, root))
             if not files:
-                raise DatasetError(f"data folder {spec} holds no files ending in {', '.join(extensions)} "
-                                   "(pass extensions=... to choose others)")
+                raise DatasetError(f"data folder {spec} holds no files ending in {', '.join(extensions)}; choose "
+                                   "others with --extensions, e.g. --extensions .log,.txt (extensions=[...] in "
+                                   "Python)")
             out.append(_Source(spec, "folder", files))
         elif _GLOB_CHARS.search(spec):
             files = sorted(Path(p).resolve() for p in globlib.glob(os.path.expanduser(spec), recursive=True)
@@ -250,8 +251,8 @@ def _read_jsonl(path, text_field):
                     raise DatasetError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(obj, dict) or text_field not in obj:
                     keys = sorted(obj) if isinstance(obj, dict) else f"a JSON {type(obj).__name__}, not an object"
-                    raise DatasetError(f"{path}, line {lineno}: no {text_field!r} field (found {keys}); "
-                                       "pass text_field=... to read another field")
+                    raise DatasetError(f"{path}, line {lineno}: no {text_field!r} field (found {keys}); read "
+                                       "another field with --text-field NAME (text_field=... in Python)")
                 text = obj[text_field]
                 if not isinstance(text, str):
                     raise DatasetError(f"{path}, line {lineno}: field {text_field!r} is a {type(text).__name__}, "
@@ -642,7 +643,8 @@ def _build(resolved, tokenizer, out_dir, eot, n_vocab, dtype, tok_sha, src_sha, 
             os.unlink(tmp)
     splits = {s: {"tokens": sum(r["tokens"] for r in shards[s]), "documents": n_docs[s]} for s in ("train", "val")}
     if options["val_fraction"] > 0 and splits["val"]["tokens"] == 0:
-        raise DatasetError("the validation split is empty; use more data or val_fraction=0")
+        raise DatasetError("the validation split is empty; use more data or a larger --val-fraction "
+                           "(val_fraction=0 in Python for no validation split)")
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,

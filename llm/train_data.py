@@ -32,6 +32,7 @@ binary source) removes the folders it made: it leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -43,6 +44,8 @@ from .tokenizer import ENDOFTEXT, Tokenizer, TokenizerFormatError
 
 #: the BPE tokenizer is trained on at most this many bytes of the corpus (its first documents)
 TOKENIZER_TRAIN_BYTES = 20_000_000
+#: the field of a JSON-lines record that holds the text, unless --text-field says otherwise
+DEFAULT_TEXT_FIELD = "text"
 
 
 class DataSetupError(ValueError):
@@ -58,17 +61,26 @@ def cache_root(data_dir=None) -> Path:
     return cache_dir() / "datasets"
 
 
-def corpus_folder(sources, data_dir=None, default_max_bytes=None):
+def corpus_folder(sources, data_dir=None, default_max_bytes=None, extensions=None, text_field=None):
     """``(folder, resolved sources)``: the cache folder of this corpus (made when something is cached in it).
 
-    Raises DataSetupError for a source that does not exist.
+    ``extensions``: the file endings a folder source takes (None: ``llm.data.DEFAULT_EXTENSIONS``);
+    ``text_field``: the field of JSON-lines records that holds the text (None: "text"). Another
+    field is another corpus, with a folder of its own. Raises DataSetupError for a source that
+    does not exist.
     """
     try:
-        resolved = datamod.resolve_sources(sources)
+        resolved = datamod.resolve_sources(sources, _extensions(extensions))
         sha, _ = datamod.source_fingerprint(resolved, default_max_bytes)
     except datamod.DatasetError as e:
         raise DataSetupError(str(e)) from None
+    if text_field not in (None, DEFAULT_TEXT_FIELD):
+        sha = hashlib.sha256(f"{sha} text_field={text_field}".encode("utf-8")).hexdigest()
     return cache_root(data_dir) / sha[:16], resolved
+
+
+def _extensions(extensions):
+    return datamod.DEFAULT_EXTENSIONS if extensions is None else tuple(extensions)
 
 
 def _record_sources(folder, sources, fingerprint, items):
@@ -117,10 +129,10 @@ def load_tokenizer(path) -> Tokenizer:
     return tok
 
 
-def _training_text(resolved, max_bytes, default_max_bytes=None):
+def _training_text(resolved, max_bytes, default_max_bytes=None, text_field=None):
     """The corpus's first documents, up to about ``max_bytes`` bytes, as a list of strings."""
     docs, size = [], 0
-    for doc in datamod.iter_documents(resolved, default_max_bytes=default_max_bytes):
+    for doc in datamod.iter_documents(resolved, text_field or DEFAULT_TEXT_FIELD, default_max_bytes):
         docs.append(doc)
         size += len(doc)
         if size >= max_bytes:
@@ -146,14 +158,15 @@ def _cached_tokenizer_path(folder, vocab_size, pattern):
 
 
 def default_tokenizer(resolved, folder, vocab_size: int, pattern: str = "gpt4", log=print,
-                      max_bytes: int = TOKENIZER_TRAIN_BYTES, default_max_bytes=None) -> Tokenizer:
+                      max_bytes: int = TOKENIZER_TRAIN_BYTES, default_max_bytes=None, text_field=None) -> Tokenizer:
     """A byte-level BPE tokenizer of ``vocab_size`` tokens (``<|endoftext|>`` included) trained on this corpus.
 
     Trained on the first ``max_bytes`` bytes of the documents the first time, loaded
     afterwards. Cached under the size it has: ``folder/tokenizer-bpe<n>-<pattern>.json``,
     or ``tokenizer-bpe<n>-<pattern>-complete.json`` when the corpus ran out of pairs to
     merge before ``vocab_size`` (it then serves every size from ``n`` up). Training is
-    deterministic, so a deleted cache file comes back identical.
+    deterministic, so a deleted cache file comes back identical. ``text_field``: as for
+    ``corpus_folder``.
     """
     log = log or (lambda *a, **k: None)
     folder = Path(folder)
@@ -167,7 +180,7 @@ def default_tokenizer(resolved, folder, vocab_size: int, pattern: str = "gpt4", 
             log(f"tokenizer: the cached {path} is unreadable ({e}); training it again")
     t0 = time.perf_counter()
     try:
-        docs = _training_text(resolved, max_bytes, default_max_bytes)
+        docs = _training_text(resolved, max_bytes, default_max_bytes, text_field)
     except datamod.DatasetError as e:
         raise DataSetupError(str(e)) from None
     n_bytes = sum(len(d) for d in docs)
@@ -190,17 +203,20 @@ def default_tokenizer(resolved, folder, vocab_size: int, pattern: str = "gpt4", 
 
 
 def prepare_training_data(sources, tokenizer, folder, block_size: int, val_fraction: float = 0.1, log=print,
-                          default_max_bytes=None):
+                          default_max_bytes=None, text_field=None, extensions=None):
     """``(train_ds, val_ds, data_dir)``: the corpus tokenised with ``tokenizer`` in ``folder/tokens-<sha>``.
 
     Built by ``llm.data.prepare`` the first time (reused afterwards); both
     splits must hold at least ``block_size + 1`` tokens. DataSetupError otherwise.
+    ``text_field`` and ``extensions``: as for ``corpus_folder``.
     """
     data_dir = Path(folder) / f"tokens-{datamod.tokenizer_sha256(tokenizer)[:16]}"
     try:
         with _removed_on_failure(folder):
             train_ds, val_ds = datamod.prepare(sources, tokenizer, data_dir, val_fraction, block_size=block_size,
-                                               log=log, default_max_bytes=default_max_bytes)
+                                               log=log, default_max_bytes=default_max_bytes,
+                                               text_field=text_field or DEFAULT_TEXT_FIELD,
+                                               extensions=_extensions(extensions))
     except datamod.DatasetError as e:
         raise DataSetupError(str(e)) from None
     fingerprint = train_ds.meta["sources"]
@@ -208,5 +224,5 @@ def prepare_training_data(sources, tokenizer, folder, block_size: int, val_fract
     return train_ds, val_ds, data_dir
 
 
-__all__ = ["DataSetupError", "TOKENIZER_TRAIN_BYTES", "cache_root", "corpus_folder", "load_tokenizer",
+__all__ = ["DataSetupError", "TOKENIZER_TRAIN_BYTES", "DEFAULT_TEXT_FIELD", "cache_root", "corpus_folder", "load_tokenizer",
            "default_tokenizer", "prepare_training_data"]

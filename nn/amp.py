@@ -114,8 +114,9 @@ def bfloat16_dtype(xp=np) -> np.dtype:
     except TypeError:
         raise ValueError(
             "bfloat16 is not supported by this array library: NumPy has no native bfloat16 (it exists only after "
-            "`import ml_dtypes`, on the CPU) and CuPy has none. Use float16 instead: "
-            "Precision.from_name('fp16'), which trains with float32 master weights and dynamic loss scaling"
+            "`import ml_dtypes`, on the CPU) and CuPy has none. Use float16 instead: --precision fp16 "
+            "(MixedPrecision(model, 'fp16') in Python), which trains with float32 master weights and dynamic loss "
+            "scaling"
         ) from None
     if xp is not np:
         try:
@@ -123,8 +124,8 @@ def bfloat16_dtype(xp=np) -> np.dtype:
         except Exception:
             raise ValueError(
                 f"bfloat16 is not supported by this array library ({xp.__name__} cannot hold bfloat16 arrays). "
-                "Use float16 instead: Precision.from_name('fp16'), which trains with float32 master weights and "
-                "dynamic loss scaling") from None
+                "Use float16 instead: --precision fp16 (MixedPrecision(model, 'fp16') in Python), which trains with "
+                "float32 master weights and dynamic loss scaling") from None
     return dt
 
 
