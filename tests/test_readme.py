@@ -47,3 +47,15 @@ def test_every_document_has_python_blocks():
 def test_python_block_runs_as_shown(document, code):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"a ```python block of {document} fails:\n{code}\n{proc.stderr[-3000:]}"
+
+
+def test_license_file_matches_pyproject():
+    """pyproject.toml says MIT; the LICENSE file is the MIT text with the project's copyright line."""
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")  # (tomllib is Python 3.11+; we run on 3.10)
+    assert re.search(r'^license = \{ text = "MIT" \}$', pyproject, re.MULTILINE)
+    license_path = REPO / "LICENSE"
+    assert license_path.is_file(), "LICENSE is missing"
+    text = license_path.read_text(encoding="utf-8")
+    assert text.startswith("MIT License\n")
+    assert "Copyright (c) 2026 the llm-from-scratch authors\n" in text
+    assert "Permission is hereby granted, free of charge" in text and 'THE SOFTWARE IS PROVIDED "AS IS"' in text
