@@ -8,7 +8,6 @@ works. Errors of the Python API may name the Python parameter as well as the fla
 import json
 import re
 
-import numpy as np
 import pytest
 
 from llm import train as train_mod
