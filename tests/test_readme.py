@@ -59,3 +59,41 @@ def test_license_file_matches_pyproject():
     assert text.startswith("MIT License\n")
     assert "Copyright (c) 2026 the llm-from-scratch authors\n" in text
     assert "Permission is hereby granted, free of charge" in text and 'THE SOFTWARE IS PROVIDED "AS IS"' in text
+
+
+def _section(text, heading):
+    """The Markdown section that starts at ``heading`` and runs to the next heading."""
+    start = text.index(heading)
+    nxt = re.search(r"^#{1,3} ", text[start + len(heading):], re.MULTILINE)
+    return text[start:start + len(heading) + (nxt.start() if nxt else len(text))]
+
+
+def test_the_cache_section_matches_the_code(tmp_path, monkeypatch):
+    """README's "The cache" says where the cache is, what is in it and how to clear it: the code agrees."""
+    from llm import corpus
+    from llm.train_data import cache_root, corpus_folder, default_tokenizer, prepare_training_data
+
+    section = _section((REPO / "README.md").read_text(encoding="utf-8"), "### The cache")
+    monkeypatch.delenv("LLM_FROM_SCRATCH_CACHE", raising=False)
+    default = "~/" + str(corpus.cache_dir().relative_to(Path.home()))
+    assert default in section and f"rm -rf {default}" in section
+    monkeypatch.setenv("LLM_FROM_SCRATCH_CACHE", str(tmp_path / "cache"))
+    assert corpus.cache_dir() == tmp_path / "cache" and "$LLM_FROM_SCRATCH_CACHE" in section
+    assert corpus._SHAKESPEARE_CACHE_NAME in section and "datasets/" in section
+    # a run's cache has the layout the section draws
+    (tmp_path / "a.txt").write_text("the cat sees the moon. a dog likes the river.\n" * 40)
+    folder, resolved = corpus_folder([str(tmp_path / "a.txt")])
+    assert folder.parent == cache_root() == tmp_path / "cache" / "datasets"
+    tok = default_tokenizer(resolved, folder, 270, log=None)
+    default_tokenizer(resolved, folder, 2048, log=None)
+    _, _, data_dir = prepare_training_data([str(tmp_path / "a.txt")], tok, folder, 8, log=None)
+    names = {p.name for p in folder.iterdir()} | {p.name for p in data_dir.iterdir()}
+    for name in ("sources.json", "tokenizer-bpe270-gpt4.json", "train_000.bin", "val_000.bin"):
+        assert name in names and (name in section or name.startswith("tokenizer-")), name
+    assert any(n.endswith("-gpt4-complete.json") for n in names) and '"-complete"' in section
+    assert "tokenizer-bpe2048-gpt4.json" in section and data_dir.name.startswith("tokens-")
+
+
+def test_readme_says_how_long_the_tests_take():
+    section = _section((REPO / "README.md").read_text(encoding="utf-8"), "## Quick start")
+    assert re.search(r"Run all the tests \(about [\d.]+ minutes on a 2-core machine", section)
