@@ -13,7 +13,7 @@ from .backend import cupy_available, get_array_module
 from .engine import Function, enable_grad, is_grad_enabled, no_grad, set_grad_enabled, sum_to
 from .gradcheck import GradcheckError, gradcheck
 from .ops.arithmetic import add, div, mul, neg, pow, sub
-from .ops.conversion import astype, to_device
+from .ops.conversion import astype, result_type, to_device
 from .ops.elementwise import abs, clip, exp, gelu, log, maximum, minimum, relu, sigmoid, silu, sqrt, tanh, where
 from .ops.linalg import matmul
 from .ops.nn_ops import cross_entropy, dropout, embedding, log_softmax, softmax
@@ -26,7 +26,7 @@ from .threads import num_threads, set_num_threads
 __all__ = [
     "Tensor", "as_tensor", "random", "Function", "gradcheck", "GradcheckError",
     "no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled", "sum_to",
-    "get_array_module", "cupy_available", "astype", "to_device", "num_threads", "set_num_threads",
+    "get_array_module", "cupy_available", "astype", "to_device", "result_type", "num_threads", "set_num_threads",
     "add", "sub", "mul", "div", "neg", "pow", "matmul",
     "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "gelu", "silu", "abs", "maximum", "minimum", "where", "clip",
     "sum", "mean", "var", "max", "min", "logsumexp",

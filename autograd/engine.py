@@ -93,7 +93,8 @@ class Function:
     return ``None`` for inputs whose ``self.needs_input_grad[i]`` is False, so
     token ids and frozen weights cost nothing. A gradient may have the
     broadcast shape of the output: the engine sums it back to the input's
-    shape (``sum_to``). ``backward`` must not modify its grad arguments in place.
+    shape (``sum_to``), and casts it to the input's dtype where it differs.
+    ``backward`` must not modify its grad arguments in place.
 
     Call an instance on tensors (or arrays / Python scalars) to apply it::
 
@@ -252,6 +253,8 @@ def run_backward(root, grad, retain_graph: bool = False):
                 raise TypeError(f"{type(fn).__name__}.backward returned {type(gx).__name__}, not an array")
             if gx.shape != x.data.shape:
                 gx = sum_to(gx, x.data.shape)
+            if gx.dtype is not x.data.dtype and gx.dtype != x.data.dtype:  # every gradient has its input's dtype
+                gx = gx.astype(x.data.dtype)
             creator = x._creator
             if creator is None:
                 _accumulate_leaf(x, gx, holders)

@@ -12,20 +12,22 @@ from .ops import linalg as L
 from .ops import nn_ops as N
 from .ops import reduction as R
 from .ops import shape as S
-from .tensor import Tensor, as_tensor
+from .ops.conversion import promote
+from .tensor import Tensor
 
 
 def _swap(fn):
-    """The reflected form of a binary op: ``other OP self``."""
-    return lambda self, other: fn(as_tensor(other, like=self), self)
+    """The reflected form of a binary op: ``other OP self`` (the op converts and promotes ``other``)."""
+    return lambda self, other: fn(other, self)
 
 
 def _compare(op):
-    """A comparison: a boolean tensor, outside the graph (it has no gradient)."""
+    """A comparison: a boolean tensor, outside the graph (it has no gradient), computed in the dtype
+    both sides promote to, so a float32 tensor equals np.float64(0.1) where it holds float32 0.1."""
 
     def method(self, other):
-        other = other.data if isinstance(other, Tensor) else other
-        return Tensor(op(self.data, other))
+        a, b = promote(self.detach(), other)
+        return Tensor(op(a.data, b.data))
 
     return method
 

@@ -15,17 +15,7 @@ from . import backend
 from .backend import is_dtype_name
 from . import engine
 from .engine import run_backward
-
-
-def _default_array(data, dtype=None):
-    """Turn Python data into a NumPy array: floats become float32 and ints int64, as in PyTorch."""
-    array = np.asarray(data, dtype=dtype)
-    if dtype is None:
-        if array.dtype == np.float64:
-            array = array.astype(np.float32)
-        elif array.dtype.kind in "iu" and array.dtype != np.int64:
-            array = array.astype(np.int64)
-    return array
+from .promotion import combined_dtype, default_array
 
 
 class Tensor:
@@ -50,7 +40,7 @@ class Tensor:
             if dtype is not None and data.dtype != np.dtype(dtype):
                 data = data.astype(dtype)
         else:
-            data = _default_array(data, dtype)
+            data = default_array(data, dtype)
         if device is not None:
             data = backend.to_device(data, device)
         if requires_grad and data.dtype.kind not in "fc":
@@ -202,21 +192,17 @@ class Tensor:
 
 
 def as_tensor(x, like: Tensor | None = None) -> Tensor:
-    """Wrap ``x`` in a Tensor; a Python or NumPy scalar takes ``like``'s dtype and device.
+    """Wrap ``x`` in a Tensor; a Python or NumPy scalar takes the dtype it combines with ``like`` to.
 
     This is what keeps float32 float32: ``x * 2.0`` multiplies by a float32 2,
-    never a float64 one.
+    never a float64 one; an integer ``like`` with a float scalar gives float32
+    (``autograd.promotion``).
     """
     if isinstance(x, Tensor):
         return x
-    if like is not None and (isinstance(x, (numbers.Number, np.generic)) and not isinstance(x, np.ndarray)):
+    if like is not None and isinstance(x, (numbers.Number, np.generic)):
         xp = backend.get_array_module(like.data)
-        dtype = like.dtype
-        if dtype.kind not in "fc" and isinstance(x, (float, np.floating)):
-            dtype = np.float32  # int tensor * 0.5 -> float32, never float64
-        elif dtype.kind == "b" and not isinstance(x, (bool, np.bool_)):
-            dtype = np.int64 if isinstance(x, numbers.Integral) else np.float32
-        return Tensor(xp.asarray(x, dtype=dtype))
+        return Tensor(xp.asarray(x, dtype=combined_dtype(like.data, x)))
     if backend.is_array(x):
         if like is not None and backend.get_array_module(x) is not backend.get_array_module(like.data):
             raise TypeError(f"cannot combine an array on {backend.device_of(x)} with a tensor on {like.device}; "
@@ -224,7 +210,7 @@ def as_tensor(x, like: Tensor | None = None) -> Tensor:
         return Tensor(x)
     if like is not None:
         xp = backend.get_array_module(like.data)
-        return Tensor(xp.asarray(_default_array(x)))
+        return Tensor(xp.asarray(default_array(x)))
     return Tensor(x)
 
 

@@ -42,8 +42,6 @@ import os
 import queue
 import threading
 
-import numpy as np
-
 _lock = threading.Lock()  # guards creating or resizing the pool
 _local = threading.local()  # .inside: this thread is running a piece
 _pool = None

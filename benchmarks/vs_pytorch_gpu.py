@@ -62,7 +62,6 @@ def build(preset, batch, device, precision, seed=0):
     """Both frameworks' (step function, model) pairs, from the same float32 weights and the same batch."""
     import torch
 
-    import nn
     from autograd import backend
     from llm.model import GPT, get_preset
     from train_step import one_process  # benchmarks/train_step.py: the trainer's one-process step

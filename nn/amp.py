@@ -47,13 +47,16 @@ elsewhere a clear error says to use float16.
 
 On NumPy, float16 matrix products have no BLAS kernel and are many times slower
 than float32 ones: the policy is correct on the CPU (the tests run there), fast
-on CuPy.
+on CuPy. Building a float16 ``MixedPrecision`` over NumPy arrays warns once per
+process (``SlowPrecisionWarning``) with the factor ``benchmarks/half_precision_cpu.py``
+measures.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -119,8 +122,9 @@ def bfloat16_dtype(xp=np) -> np.dtype:
     except TypeError:
         raise ValueError(
             "bfloat16 is not supported by this array library: NumPy has no native bfloat16 (it exists only after "
-            "`import ml_dtypes`, on the CPU) and CuPy has none. Use float16 instead: "
-            "Precision.from_name('fp16'), which trains with float32 master weights and dynamic loss scaling"
+            "`import ml_dtypes`, on the CPU) and CuPy has none. Use float16 instead: --precision fp16 "
+            "(MixedPrecision(model, 'fp16') in Python), which trains with float32 master weights and dynamic loss "
+            "scaling"
         ) from None
     if xp is not np:
         try:
@@ -128,9 +132,36 @@ def bfloat16_dtype(xp=np) -> np.dtype:
         except Exception:
             raise ValueError(
                 f"bfloat16 is not supported by this array library ({xp.__name__} cannot hold bfloat16 arrays). "
-                "Use float16 instead: Precision.from_name('fp16'), which trains with float32 master weights and "
-                "dynamic loss scaling") from None
+                "Use float16 instead: --precision fp16 (MixedPrecision(model, 'fp16') in Python), which trains with "
+                "float32 master weights and dynamic loss scaling") from None
     return dt
+
+
+class SlowPrecisionWarning(UserWarning):
+    """float16 compute on NumPy arrays: correct, but many times slower than float32 (NumPy has no float16 BLAS).
+
+    Silence it with ``warnings.filterwarnings("ignore", category=nn.amp.SlowPrecisionWarning)``.
+    """
+
+
+#: how many times longer a float16 training step takes than a float32 one on NumPy: the tiny preset's default
+#: step on a 2-core CPU, 119-139x in three runs (benchmarks/half_precision_cpu.py; benchmarks/README.md)
+FP16_ON_NUMPY_SLOWDOWN = 130
+
+_warned_slow_precision = False
+
+
+def warn_if_slow_precision(precision, xp=np) -> bool:
+    """Warn once per process (``SlowPrecisionWarning``) if ``precision`` computes in float16 on array library
+    ``xp`` when that is NumPy; returns whether it warned. ``MixedPrecision`` calls it when it is built."""
+    global _warned_slow_precision
+    if _warned_slow_precision or xp is not np or Precision.from_name(precision).compute_dtype != "float16":
+        return False
+    _warned_slow_precision = True
+    warnings.warn(f"float16 compute on the CPU (NumPy) is about {FP16_ON_NUMPY_SLOWDOWN}x slower than float32: NumPy "
+                  "has no fast float16 matrix product. On the CPU train with --precision fp32 (the default); fp16 "
+                  "pays off on a GPU (--device cuda).", SlowPrecisionWarning, stacklevel=3)
+    return True
 
 
 @dataclass(frozen=True)
@@ -501,6 +532,7 @@ class MixedPrecision:
         params = list(model.named_parameters())
         xp = get_array_module(*(p.data for _, p in params)) if params else np
         self.compute_dtype = self.precision.compute_numpy_dtype(xp)  # bfloat16 unsupported: clear error here
+        warn_if_slow_precision(self.precision, xp)
         self.master_dtype = self.precision.master_numpy_dtype()
         if scaler is None:
             scaler = DynamicLossScaler() if self.precision.needs_loss_scaling else DynamicLossScaler.disabled()

@@ -139,7 +139,19 @@ def test_missing_source_and_empty_corpus(tmp_path, tok):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DatasetError, match="corpus is empty"):
         build_dataset([tmp_path / "empty.txt"], tok, tmp_path / "ds", log=None)
-    assert not (tmp_path / "ds" / "meta.json").exists()
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    with pytest.raises(DatasetError, match="binary.txt is not UTF-8 text"):
+        build_dataset([tmp_path / "binary.txt"], tok, tmp_path / "ds", log=None)
+    assert not (tmp_path / "ds").exists()  # a failed first build leaves no folder (no lock, no temporaries)
+
+
+def test_a_failed_rebuild_keeps_the_folder_it_did_not_make(tmp_path, tok):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "notes.txt").write_text("mine")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DatasetError, match="corpus is empty"):
+        build_dataset([tmp_path / "empty.txt"], tok, tmp_path / "ds", log=None)
+    assert (tmp_path / "ds" / "notes.txt").read_text() == "mine"
     assert [p.name for p in (tmp_path / "ds").iterdir() if p.name.startswith(".tmp")] == []
 
 

@@ -293,7 +293,7 @@ def test_gpt2_init_statistics():
     assert abs(proj.std() - expected) < expected * 0.01
     assert not mlp.c_fc.bias.data.any() and not mlp.c_proj.bias.data.any()
     emb = Embedding(1000, 64, generator=gen).weight.data.astype(np.float64)
-
+    assert abs(emb.std() - 0.02) < 0.02 * 0.02
 
 
 def test_init_helpers_fill_in_place():

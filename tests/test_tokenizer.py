@@ -588,3 +588,57 @@ def test_no_warnings_from_a_normal_training_run():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Tokenizer.train("hello hello world " * 10, 260, pattern="gpt4")
+
+
+SURROGATE_SAMPLES = [
+    "\ud83d\ude00abc",  # GPT-4's pattern: one chunk "😀abc" (a letter run takes one leading non-letter)
+    "x\ud83d\ude00y z",
+    " \ud83d\ude00\ud83d\udc4dhello",
+    "\ud83d\ude00",
+    "ab\ud83d",  # lone surrogates: U+FFFD, as tiktoken does
+    "\udc00cd",
+    "\ud83d\ud83d\ude00abc",
+    "mixed \ud83d\ude00abc<|endoftext|>\ud83d\ude00y",
+]
+
+
+@pytest.fixture(scope="module")
+def emoji_tok():
+    """A GPT-4-pattern tokenizer whose merges join an emoji's bytes to the letters after it ("😀abc")."""
+    text = "😀abc\nx😀y\n👍hello\n\ufffdcd\n" * 40 + training_text()  # "😀abc" starts a line: one chunk
+    return Tokenizer.train(text, 700, pattern="gpt4", special_tokens=["<|endoftext|>"])
+
+
+def test_surrogate_pairs_encode_as_their_character_before_the_split(emoji_tok):
+    """A str holding a surrogate pair (text read with surrogatepass, JSON "\\ud83d\\ude00") is the character
+    the pair stands for: the whole text is repaired before the split pattern sees it, so the chunks
+    (and ids) are those of the repaired text, not of the pair's halves."""
+    tok = emoji_tok
+    assert len(tok.encode("😀abc")) == 1  # the merges do span the emoji and the letters
+    assert tok.encode("\ud83d\ude00abc") == tok.encode("😀abc")
+    assert tok.encode_ordinary("x\ud83d\ude00y z") == tok.encode_ordinary("x😀y z")
+    assert tok.encode("ab\ud83d") == tok.encode("ab\ufffd")  # a lone surrogate is U+FFFD
+    assert tok.encode("\udc00cd") == tok.encode("\ufffdcd")
+    assert tok.decode(tok.encode("\ud83d\ude00abc")) == "😀abc"
+
+
+def test_surrogates_encode_like_tiktoken(emoji_tok, tmp_path, monkeypatch):
+    tiktoken = pytest.importorskip("tiktoken")
+    from tiktoken.load import load_tiktoken_bpe
+
+    tok = emoji_tok
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    path = tmp_path / "tok.tiktoken"
+    tok.save_tiktoken_file(path)
+    enc = tiktoken.Encoding("test", pat_str=tok.pattern, mergeable_ranks=load_tiktoken_bpe(str(path)),
+                            special_tokens=tok.special_tokens)
+    for s in SURROGATE_SAMPLES:
+        assert tok.encode_ordinary(s) == enc.encode_ordinary(s), repr(s)
+        assert tok.encode(s, allowed_special="all") == enc.encode(s, allowed_special="all"), repr(s)
+
+
+def test_training_text_with_surrogates_is_repaired_too():
+    """Training sees the same repaired text that encoding does (a lone surrogate raised UnicodeEncodeError)."""
+    text = "\ud83d\ude00abc " * 50 + "lone \ud83d here"
+    assert Tokenizer.train(text, 267, pattern="gpt4").merges == Tokenizer.train(
+        "😀abc " * 50 + "lone \ufffd here", 267, pattern="gpt4").merges

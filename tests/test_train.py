@@ -675,3 +675,26 @@ def test_one_piece_of_thread_advice_in_the_readme_and_in_help():
     assert threads_note() in readme
     assert threads_note() in " ".join(train_mod.build_parser().format_help().split())
     assert "OPENBLAS_NUM_THREADS" not in readme
+
+
+def test_resume_on_another_number_of_threads_is_bitwise(corpus, tmp_path, monkeypatch):
+    """Every op cuts its work by shape alone: 3 steps on one thread and 3 more on three give the losses of a run
+    on two threads throughout, to the bit."""
+    from autograd import threads
+
+    flags = ["--lr-decay-steps", "6", "--dropout", "0.1", "--batch-size", "16", "--n-embd", "64"]  # products cut in 4
+    before = threads.num_threads()
+    try:
+        threads.set_num_threads(2)
+        straight, mixed = tmp_path / "straight", tmp_path / "mixed"
+        assert train_mod.main(argv(corpus, straight, *flags, steps=6)) == 0
+        threads.set_num_threads(1)
+        assert train_mod.main(argv(corpus, mixed, *flags, steps=3)) == 0
+        threads.set_num_threads(3)
+        assert train_mod.main(argv(corpus, mixed, *flags, "--resume", steps=6)) == 0
+    finally:
+        threads.set_num_threads(before)
+    assert losses(mixed) == losses(straight)
+    a = load_checkpoint(straight / "ckpt.safetensors")[0]
+    b = load_checkpoint(mixed / "ckpt.safetensors")[0]
+    assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -1,17 +1,24 @@
 """Arithmetic: add, sub, mul, div, neg, pow.
 
 Each backward returns gradients in the broadcast shape of the output; the engine
-sums them back to each input's shape (``engine.sum_to``).
+sums them back to each input's shape (``engine.sum_to``). The operands are first
+brought to one dtype by PyTorch's rules (``conversion.promote``): a float32 tensor
+stays float32 with any scalar or 0-d operand, and true division of integers gives
+float32.
 """
 
 from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 from ..backend import get_array_module
 from ..backend import quiet_fp_errors as _quiet
 from ..engine import Function
+from ..promotion import combined_dtype
 from ..tensor import Tensor
+from .conversion import astype, promote
 
 
 class Add(Function):
@@ -118,22 +125,22 @@ class Pow(Function):
 
 def add(a, b) -> Tensor:
     """a + b, with broadcasting."""
-    return Add()(a, b)
+    return Add()(*promote(a, b))
 
 
 def sub(a, b) -> Tensor:
     """a - b, with broadcasting."""
-    return Sub()(a, b)
+    return Sub()(*promote(a, b))
 
 
 def mul(a, b) -> Tensor:
     """a * b (element-wise), with broadcasting."""
-    return Mul()(a, b)
+    return Mul()(*promote(a, b))
 
 
 def div(a, b) -> Tensor:
-    """a / b (true division), with broadcasting."""
-    return Div()(a, b)
+    """a / b (true division), with broadcasting; integers and booleans divide in float32."""
+    return Div()(*promote(a, b, floating=True))
 
 
 def neg(x) -> Tensor:
@@ -142,7 +149,15 @@ def neg(x) -> Tensor:
 
 
 def pow(x, exponent) -> Tensor:  # noqa: A001 - mirrors torch.pow
-    """x ** exponent: a Python number uses the cheaper constant-exponent op, a tensor the general one."""
-    if isinstance(exponent, numbers.Number) and not isinstance(x, numbers.Number):
-        return PowScalar(exponent)(x)
-    return Pow()(x, exponent)
+    """x ** exponent: a number (Python or NumPy) uses the cheaper constant-exponent op, a tensor the general one.
+
+    The exponent takes part in type promotion like any operand: ``x ** np.float64(2.5)``
+    stays float32, an integer tensor to the power 2.5 is float32.
+    """
+    if isinstance(x, Tensor) and type(exponent) in (int, float) and x.data.dtype.kind == "f":
+        return PowScalar(exponent)(x)  # the common case: a floating tensor keeps its dtype
+    if isinstance(x, Tensor) and isinstance(exponent, (numbers.Number, np.generic)):
+        dtype = combined_dtype(x.data, exponent)
+        # a Python number is "weak" in NumPy's arithmetic: x's dtype is kept
+        return PowScalar(exponent.item() if isinstance(exponent, np.generic) else exponent)(astype(x, dtype))
+    return Pow()(*promote(x, exponent))

@@ -5,7 +5,9 @@ Each op saves what its backward needs, preferring the output when the derivative
 is cheapest in terms of it (exp, tanh, sigmoid, sqrt). Constants are Python
 numbers, which NumPy 2 (NEP 50) and CuPy treat as "weak", so float32 stays
 float32 everywhere. Integer and boolean inputs of the smooth functions are
-computed in float32, as in PyTorch (NumPy would give float64).
+computed in float32, as in PyTorch (NumPy would give float64). The operands of
+maximum, minimum, where and clip are promoted by PyTorch's rules
+(``conversion.promote``).
 
 Gradients of the binary ops are returned in the broadcast output shape; the
 engine sums them back to each input's shape.
@@ -23,6 +25,7 @@ from ..backend import quiet_fp_errors as _quiet
 from ..engine import Function
 from ..tensor import Tensor, as_tensor
 from .. import kernels
+from .conversion import astype, promote, result_type
 from .special import erf as _erf
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -391,12 +394,10 @@ class Clip(Function):
 
 
 def _bound(xp, b, dtype):
-    """A clip bound as an array of ``x``'s library, in ``x``'s dtype when ``x`` is floating."""
+    """A clip bound as an array of ``x``'s library in ``x``'s dtype (``clip`` has promoted ``x`` to hold it)."""
     if isinstance(b, Tensor):
         b = b.data
-    if dtype.kind in "fc" and not (isinstance(b, numbers.Number) and not isinstance(b, np.generic)):
-        return xp.asarray(b, dtype=dtype)  # a float64 NumPy scalar or array must not promote float32
-    return b if isinstance(b, numbers.Number) else xp.asarray(b)
+    return xp.asarray(b, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -467,7 +468,7 @@ def maximum(a, b) -> Tensor:
     Where a == b (a tie) the gradient is split equally: each input receives half
     of the output's gradient, as in PyTorch.
     """
-    return Maximum()(a, b)
+    return Maximum()(*promote(a, b))
 
 
 def minimum(a, b) -> Tensor:
@@ -476,15 +477,16 @@ def minimum(a, b) -> Tensor:
     Where a == b (a tie) the gradient is split equally: each input receives half
     of the output's gradient, as in PyTorch.
     """
-    return Minimum()(a, b)
+    return Minimum()(*promote(a, b))
 
 
 def where(cond, x, y) -> Tensor:
     """x where ``cond`` is True, y elsewhere; cond, x and y broadcast together.
 
     ``cond`` is a boolean array or Tensor (e.g. ``t > 0``) and gets no gradient;
-    x and y are Tensors, arrays or Python scalars (a scalar takes the dtype of
-    the other branch). The gradient flows to x where cond holds and to y elsewhere.
+    x and y are Tensors, arrays or Python scalars, promoted to one dtype by
+    PyTorch's rules (a float scalar or 0-d array does not change a float32 branch).
+    The gradient flows to x where cond holds and to y elsewhere.
     """
     if isinstance(cond, Tensor):
         cond = cond.data
@@ -504,20 +506,22 @@ def where(cond, x, y) -> Tensor:
                         "move one with .to(device)")
     if like is None:  # two Python scalars: make them arrays where cond lives
         x, y = (Tensor(xp.asarray(as_tensor(v).data)) for v in (x, y))  # float -> float32, int -> int64
-    return Where(cond)(x, y)
+    return Where(cond)(*promote(x, y))
 
 
 def clip(x, min=None, max=None) -> Tensor:  # noqa: A002 - the names of numpy.clip / torch.clamp
     """Limit x to [min, max] element-wise; either bound may be None (not both).
 
-    The bounds are numbers, arrays or Tensors and get no gradient. The gradient
-    w.r.t. x is 1 where min <= x <= max (the bounds included, as torch.clamp)
-    and 0 outside.
+    The bounds are numbers, arrays or Tensors and get no gradient; the result
+    has the dtype x and the bounds promote to (PyTorch's rules: an integer x
+    clipped at 0.5 gives float32). The gradient w.r.t. x is 1 where
+    min <= x <= max (the bounds included, as torch.clamp) and 0 outside.
     """
     if min is None and max is None:
         raise ValueError("clip: give at least one of min= and max= (both are None, so there is nothing to clip)")
     for name, b in (("min", min), ("max", max)):
         if b is not None and not (isinstance(b, (numbers.Number, Tensor)) or is_array(b)):
             raise TypeError(f"clip: {name} must be a number, an array or a Tensor, got {type(b).__name__}")
-    return Clip(min, max)(x)
+    x = as_tensor(x)
+    return Clip(min, max)(astype(x, result_type(x, min, max)))
 

@@ -15,7 +15,9 @@ How text becomes ids (the same steps as tiktoken):
    so a word seen before costs one dict lookup.
 
 The base vocabulary is the 256 single bytes, so every string can be encoded and
-``decode(encode(s)) == s`` for every str without lone surrogates.
+``decode(encode(s)) == s`` for every str without surrogates. A str holding UTF-16
+surrogates (read with ``surrogatepass``, or JSON's "\\ud83d\\ude00") is repaired before
+step 1, as tiktoken does: a pair becomes the character it stands for, a lone surrogate U+FFFD.
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ from .patterns import GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, pattern_name, reso
 from .train import train_merges
 
 ENDOFTEXT = "<|endoftext|>"
+
+_SURROGATE = regex.compile("[\ud800-\udfff]")
+
+
+def without_surrogates(text):
+    """``text`` with each UTF-16 surrogate pair replaced by the character it stands for and each lone
+    surrogate by U+FFFD, as tiktoken repairs a str before encoding it: the whole text at once, so the
+    split pattern sees the real characters ("\\ud83d\\ude00abc" splits as "😀abc")."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _split_on(text, specials):
@@ -162,7 +175,7 @@ class Tokenizer:
         for doc in text:
             if not isinstance(doc, str):
                 raise TypeError(f"training text must be str (or an iterable of str), got {type(doc).__name__}")
-            for piece in _split_on(doc, special_tokens):
+            for piece in _split_on(without_surrogates(doc), special_tokens):
                 counts.update(pat.findall(piece))
         chunk_counts = Counter()
         for chunk, n in counts.items():
@@ -181,12 +194,12 @@ class Tokenizer:
     def encode_ordinary(self, text):
         """Token ids of ``text``, treating special-token text as ordinary text (tiktoken's ``encode_ordinary``).
 
-        Long texts are split into chunks window by window (``WINDOW`` characters at a time) so that the
-        list of chunks never holds a whole large corpus; the ids are the same as in one pass (see
-        ``_window_chunks``).
+        Surrogates are repaired first (``without_surrogates``). Long texts are split into chunks window
+        by window (``WINDOW`` characters at a time) so that the list of chunks never holds a whole large
+        corpus; the ids are the same as in one pass (see ``_window_chunks``).
         """
         ids = []
-        for chunks in self._window_chunks(text):
+        for chunks in self._window_chunks(without_surrogates(text)):
             self._encode_chunks(chunks, ids)
         return ids
 
@@ -223,11 +236,7 @@ class Tokenizer:
         for chunk in chunks:
             t = cache.get(chunk)
             if t is None:
-                try:
-                    b = chunk.encode("utf-8")
-                except UnicodeEncodeError:  # a lone surrogate: replace it with U+FFFD, as tiktoken does
-                    b = chunk.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
-                t = encode_piece(ranks, b)
+                t = encode_piece(ranks, chunk.encode("utf-8"))  # encode_ordinary has repaired surrogates
                 if len(cache) >= self._cache_size:
                     cache.clear()
                 cache[chunk] = t

@@ -25,10 +25,8 @@ exit 2), ``TrainingDiverged`` (exit 1), ``CheckpointWriteError`` (exit 3).
 
 from __future__ import annotations
 
-import math
-import os
-import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +34,6 @@ import numpy as np
 import nn
 from autograd import backend
 from parallel.pipeline import parse_counts
-from parallel.pipeline_exec import batch_rows
 
 from .checkpoint import (CheckpointWriteError, ResumeError, TrainingCheckpoint, remove_stale_temporaries,
                          save_training_checkpoint, seed_dropout_for_step)
@@ -149,6 +146,8 @@ class Trainer:
 
     def _build(self, resume):
         cfg, job = self.cfg, self.job
+        if not self.main_rank:  # rank 0 says it once for the job
+            warnings.filterwarnings("ignore", category=nn.amp.SlowPrecisionWarning)
         model = job.build_model()
         precision = nn.amp.Precision.from_name(cfg.precision)
         precision_meta = {"compute_dtype": precision.compute_dtype, "master_dtype": precision.master_dtype}
