@@ -127,7 +127,10 @@ def test_bigbench_is_converted_once_into_records(tmp_path, monkeypatch):
     assert (first["chosen"], first["rejected"]) == ("right.", "wrong.")
     ni = data.dataset_records("natural_instructions", subtasks="subtask041*", cache_dir=tmp_path, log=None)
     assert [r["instruction"] for _, r in ni] == ["Write a correct answer."] * 2
-    assert ni[0][1]["definition"].startswith("Definition: Answer it.") and ni[0][1]["output"] == "right."
+    assert ni[0][1]["output"] == "right." and set(ni[0][1]) == {"instruction", "input", "output", "task"}
+    definitions = json.loads((tmp_path / f"v{data.CONVERSION_VERSION}" / "natural_instructions" /
+                              "definitions.json").read_text())
+    assert definitions["subtask041_qasc_answer_generation"].startswith("Definition: Answer it.")
     convs = load_conversations(dataset="natural_instructions", subtasks="subtask04*", cache_dir=tmp_path, log=None)
     assert convs[0][1][-1] == {"role": "assistant", "content": "right."}
     hhh = load_pairs(dataset="hhh_alignment", cache_dir=tmp_path, log=None)

@@ -23,9 +23,9 @@ downloaded into ``<cache>/post/downloads/`` (``<cache>`` is ``$LLM_FROM_SCRATCH_
 ``~/.cache/llm-from-scratch``) and converted once to ``<cache>/post/v1/``:
 
 - ``natural_instructions``: Natural Instructions v1 (Mishra et al. 2022), 61 subtasks, 193,250
-  records ``{"instruction", "input", "output", "task", "definition"}``: ``instruction`` is the task's
-  short "Prompt:" sentence, ``definition`` its full "Definition: ..." text, ``output`` the first
-  reference answer;
+  records ``{"instruction", "input", "output", "task"}``: ``instruction`` is the task's short
+  "Prompt:" sentence, ``output`` the first reference answer (each subtask's full "Definition: ..."
+  text is in ``natural_instructions/definitions.json``);
 - ``ni_pairs``: preference pairs from the subtasks that write a correct and a wrong answer to the
   same input (MC-TACO's five, QASC, CosmosQA, MultiRC): ``{"prompt", "chosen", "rejected", "task"}``;
 - ``hhh_alignment``: Anthropic's HHH alignment evaluation (Askell et al. 2021), 221 pairs (helpful,
@@ -58,7 +58,7 @@ from .chat import ChatFormatError, check_conversation
 BIGBENCH = "bigbench==1.0.0"
 _BIGBENCH_SIZE = "358 MB"
 #: bumped whenever a converter changes, so that caches are converted again
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2
 _TASKS = "bigbench/benchmark_tasks/"
 
 
@@ -225,7 +225,7 @@ def _convert_bigbench(archive: Path) -> dict:
                     or fnmatch.fnmatch(rel, "hhh_alignment/*/task.json") or rel == "truthful_qa/task_mc.json"):
                 tasks[rel] = json.loads(tar.extractfile(member).read().decode("utf-8"))
     out = {}
-    ni = {}
+    ni, definitions = {}, {}
     for rel, task in sorted(tasks.items()):
         if not rel.startswith("natural_instructions/"):
             continue
@@ -233,8 +233,9 @@ def _convert_bigbench(archive: Path) -> dict:
         definition = task["task_prefix"].strip()
         instruction = _short_instruction(definition)
         records = [{"instruction": instruction, "input": ex["input"].strip(), "output": _first(ex["target"]).strip(),
-                    "task": sub, "definition": definition} for ex in task["examples"]]
+                    "task": sub} for ex in task["examples"]]
         ni[sub] = records
+        definitions[sub] = definition
         out[f"natural_instructions/{sub}"] = records
     pairs = []
     for good, bad in NI_PAIR_SUBTASKS:
@@ -263,7 +264,7 @@ def _convert_bigbench(archive: Path) -> dict:
         tqa += [{"prompt": ex["input"].strip(), "chosen": true.strip(), "rejected": a.strip(), "task": "truthful_qa"}
                 for a, s in scores.items() if s == 0]
     out["truthful_qa"] = tqa
-    return out
+    return out, definitions
 
 
 def _root(cache_dir) -> Path:
@@ -326,7 +327,7 @@ def bigbench_file(name: str, cache_dir=None, log=print) -> Path:
                 log(f"converting BIG-bench's Natural Instructions, HHH alignment and TruthfulQA to JSON lines under "
                     f"{root / f'v{CONVERSION_VERSION}'} (once, about a minute)")
                 try:
-                    converted = _convert_bigbench(archive)
+                    converted, definitions = _convert_bigbench(archive)
                 except (tarfile.TarError, OSError, KeyError, json.JSONDecodeError, EOFError) as e:
                     raise DatasetUnavailable(f"{archive} is not a readable {BIGBENCH} sdist ({e}); delete it and run "
                                              "again") from None
@@ -335,6 +336,9 @@ def bigbench_file(name: str, cache_dir=None, log=print) -> Path:
                                      newline="\n") as f:
                         for r in records:
                             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                with atomic_open(root / f"v{CONVERSION_VERSION}" / "natural_instructions" / "definitions.json", "w",
+                                 encoding="utf-8") as f:
+                    json.dump(definitions, f, indent=1, ensure_ascii=False)
                 with atomic_open(_manifest(root), "w", encoding="utf-8") as f:
                     json.dump({"archive": archive.name, "records": {k: len(v) for k, v in converted.items()}}, f,
                               indent=1)
@@ -442,10 +446,10 @@ def dataset_records(name: str, subtasks=None, cache_dir=None, log=print) -> list
 
 def load_conversations(data_file=None, dataset=None, subtasks=None, cache_dir=None, log=print) -> list:
     """``[(where, messages)]`` of instruction data: a JSONL file, or a named dataset."""
-    records = read_jsonl(data_file) if data_file else dataset_records(dataset, subtasks, cache_dir, log)
-    if dataset and DATASETS[dataset][0] != "instructions":
+    if dataset and dataset in DATASETS and DATASETS[dataset][0] != "instructions":
         raise DataError(f"{dataset} holds preference pairs, not instructions; SFT takes "
                         + ", ".join(k for k, (kind, _) in DATASETS.items() if kind == "instructions"))
+    records = read_jsonl(data_file) if data_file else dataset_records(dataset, subtasks, cache_dir, log)
     return [(where, conversation_from_record(r, where)) for where, r in records]
 
 
