@@ -1,0 +1,176 @@
+"""The reward model: the score read at the last real token (from the mask), Bradley-Terry with margins and centring
+(value and gradient), K-way rankings as all pairs in one batch element, bad records, and the job end to end."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import autograd
+from autograd import Tensor
+from llm.model import GPT, get_preset
+from llm.post.rankings import (PreferenceDataError, RowSampler, encode_rankings, ranking_from_record, read_rankings)
+from llm.post.reward_model import (RewardModel, RewardNormalization, RewardStats, bradley_terry_loss,
+                                   sequence_scores)
+
+
+def tiny_policy(vocab=40, seed=0, block=32):
+    return GPT(get_preset("tiny", vocab_size=vocab, n_layer=1, n_head=2, n_embd=16, block_size=block),
+               generator=np.random.default_rng(seed))
+
+
+# ---------------------------------------------------------------------------
+# the model and where it reads the score
+# ---------------------------------------------------------------------------
+
+
+def test_reward_model_copies_the_trunk_and_has_a_scalar_head():
+    policy = tiny_policy()
+    rm = RewardModel.from_policy(policy, generator=np.random.default_rng(1))
+    ps, rs = policy.state_dict(), rm.state_dict()
+    assert all(np.array_equal(ps[k], rs[k]) for k in ps)  # the tied policy has no lm_head: every tensor is trunk
+    assert rs["lm_head.weight"].shape == (16, 1) and rs["lm_head.bias"].shape == (1,)
+    assert rm.config.tie_embeddings is False
+    out = rm(np.array([[1, 2, 3]]))
+    assert out[0].shape == (1, 3, 1)
+
+
+def test_the_score_is_read_at_the_last_real_token_found_from_the_mask_even_when_pad_equals_eos():
+    rm = RewardModel.from_policy(tiny_policy(), generator=np.random.default_rng(1))
+    eos = 7
+    short = [3, 4, eos]  # ends with eos; padded with eos too
+    long = [5, 6, 8, 9, eos]
+    ids = np.array([short + [eos, eos], long])
+    keep = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    out, _ = rm(ids)
+    got = sequence_scores(out, keep).data
+    alone_short = rm(np.array([short]))[0].data[0, -1, 0]
+    alone_long = rm(np.array([long]))[0].data[0, -1, 0]
+    np.testing.assert_allclose(got, [alone_short, alone_long], rtol=1e-5)
+    # a reader that looked for the first pad id (= eos) would have stopped one token early in the short row
+    assert not np.isclose(out.data[0, 1, 0], alone_short)
+
+
+# ---------------------------------------------------------------------------
+# Bradley-Terry
+# ---------------------------------------------------------------------------
+
+
+def test_bradley_terry_is_ln2_per_pair_at_equal_rewards_and_matches_a_hand_computation():
+    better = np.zeros((2, 3, 3), bool)
+    better[0, 0, 1] = better[0, 0, 2] = better[0, 1, 2] = True  # a ranking of three: 3 pairs
+    better[1, 0, 1] = True
+    total, n = bradley_terry_loss(Tensor(np.zeros((2, 3))), better)
+    assert n == 4 and float(total.data) == pytest.approx(4 * math.log(2))
+    r = np.array([[2.0, 0.5, -1.0], [0.3, 1.3, 0.0]])
+    margin = np.zeros((2, 3, 3))
+    margin[1, 0, 1] = 0.5
+    total, _ = bradley_terry_loss(Tensor(r), better, margin, center_coef=0.1)
+
+    def nls(x):
+        return math.log1p(math.exp(-x))  # -log sigmoid(x)
+
+    want = nls(1.5) + nls(3.0) + nls(1.5) + nls(0.3 - 1.3 - 0.5)
+    want += 0.1 * ((2.5) ** 2 + (1.0) ** 2 + (-0.5) ** 2 + (1.6) ** 2)
+    assert float(total.data) == pytest.approx(want, rel=1e-12)
+
+
+def test_bradley_terry_gradient_passes_a_finite_difference_check():
+    rng = np.random.default_rng(0)
+    better = np.zeros((3, 3, 3), bool)
+    better[0, 0, 1] = better[0, 1, 2] = better[0, 0, 2] = better[1, 1, 0] = better[2, 2, 1] = True
+    margin = rng.uniform(0, 1, (3, 3, 3)) * better
+    r = Tensor(rng.normal(size=(3, 3)), requires_grad=True)
+    assert autograd.gradcheck(lambda x: bradley_terry_loss(x, better, margin, 0.05)[0], r, mode="elementwise")
+
+
+def test_bradley_terry_is_stable_for_huge_differences():
+    better = np.zeros((1, 2, 2), bool)
+    better[0, 0, 1] = True
+    r = Tensor(np.array([[-500.0, 500.0]], dtype=np.float32), requires_grad=True)
+    total, _ = bradley_terry_loss(r, better)
+    total.backward()
+    assert float(total.data) == pytest.approx(1000.0) and np.isfinite(r.grad).all()
+    np.testing.assert_allclose(r.grad, [[-1.0, 1.0]])
+
+
+# ---------------------------------------------------------------------------
+# rankings and records
+# ---------------------------------------------------------------------------
+
+
+def test_a_k_way_ranking_becomes_every_pair_inside_one_batch_element():
+    rk = ranking_from_record({"prompt": "p", "responses": ["a", "bb", "ccc", "dddd"]})
+    assert [(i, j) for i, j, _ in rk.pairs] == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    by_score = ranking_from_record({"prompt": "p", "responses": ["a", "b", "c"], "scores": [1, 3, 1]})
+    assert sorted((i, j) for i, j, _ in by_score.pairs) == [(1, 0), (1, 2)]  # equal scores make no pair
+    pair = ranking_from_record({"prompt": "p", "chosen": "x", "rejected": "y", "margin": 2})
+    arrays = encode_rankings([rk, pair], lambda p, r: ([1] + [2] * len(r) + [9], False), pad_id=0)
+    assert arrays.input_ids.shape == (2, 4, 6) and arrays.better.shape == (2, 4, 4)
+    assert arrays.better[0].sum() == 6 and arrays.better[1].sum() == 1 and arrays.margin[1, 0, 1] == 2
+    np.testing.assert_array_equal(arrays.keep[1].sum(-1), [3, 3, 0, 0])  # the pair's two slots, two empty
+    np.testing.assert_array_equal(arrays.keep[0].sum(-1), [3, 4, 5, 6])
+    # a batch of elements never splits a ranking
+    batch = arrays.rows(np.array([0]))
+    assert batch["better"].sum() == 6
+
+
+@pytest.mark.parametrize("record, words", [
+    ({"chosen": "a", "rejected": "b"}, "missing field 'prompt'"),
+    ({"prompt": "p", "chosen": "a"}, "missing field"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "identical"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, "'margin' must be a finite number"),
+    ({"prompt": "p", "responses": ["a"]}, "at least 2"),
+    ({"prompt": "p", "responses": ["a", "a"]}, "appears twice"),
+    ({"prompt": "p", "responses": ["a", "b"], "scores": [1]}, "'scores' must be a list of 2"),
+    ({"prompt": "p", "responses": ["a", "b"], "scores": [1, 1]}, "same score"),
+    ({"prompt": 3, "chosen": "a", "rejected": "b"}, "'prompt' must be text"),
+    ({"prompt": "p", "chosen": 1, "rejected": "b"}, "'chosen' must be a string"),
+])
+def test_bad_preference_records_get_one_clear_message(record, words):
+    with pytest.raises(PreferenceDataError, match=words):
+        ranking_from_record(record, "prefs.jsonl:3")
+
+
+def test_read_rankings_names_the_file_and_line(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n{not json\n")
+    with pytest.raises(PreferenceDataError, match=r"prefs.jsonl:2: not valid JSON"):
+        read_rankings(path)
+    with pytest.raises(PreferenceDataError, match="does not exist"):
+        read_rankings(tmp_path / "nope.jsonl")
+
+
+def test_row_sampler_shares_a_global_batch_between_replicas_and_resumes():
+    rows = lambda idx: {"i": idx}  # noqa: E731
+    one = RowSampler(10, rows, 4, seed=3)
+    two = [RowSampler(10, rows, 4, seed=3, rank=r, world=2) for r in range(2)]
+    for _ in range(5):
+        whole = one.next_batch()["i"]
+        parts = np.concatenate([s.next_batch()["i"] for s in two])
+        assert sorted(whole.tolist()) == sorted(parts.tolist())
+    state = one.state_dict()
+    nxt = one.next_batch()["i"]
+    again = RowSampler(10, rows, 4, seed=3)
+    again.load_state_dict(state)
+    np.testing.assert_array_equal(again.next_batch()["i"], nxt)
+
+
+# ---------------------------------------------------------------------------
+# statistics and normalisation
+# ---------------------------------------------------------------------------
+
+
+def test_reward_stats_and_normalization():
+    s = RewardStats()
+    better = np.zeros((2, 2, 2), bool)
+    better[:, 0, 1] = True
+    s.add(np.array([[1.0, 0.0], [2.0, 3.0]]), better, np.ones((2, 2), bool))
+    out = s.summary("val_")
+    assert out["val_accuracy"] == 0.5 and out["val_margin"] == pytest.approx(0.0)
+    assert out["val_reward_mean"] == pytest.approx(1.5) and out["val_reward_min"] == 0 and out["val_reward_max"] == 3
+    norm = RewardNormalization.from_stats(s, step=5)
+    z = norm(np.array([1.0, 0.0, 2.0, 3.0]))
+    assert abs(z.mean()) < 1e-12 and z.std() == pytest.approx(1.0)
+    assert RewardNormalization.from_json(norm.to_json()) == norm
