@@ -351,6 +351,44 @@ class GPT(nn.Module):
                              f"{lo} .. {hi}; crop the context to the last {self.config.block_size} tokens")
         return position_ids
 
+    def resize_token_embeddings(self, vocab_size: int) -> "GPT":
+        """Grow the vocabulary to ``vocab_size`` tokens (new special tokens); returns self.
+
+        ``wte`` gets new rows and an untied ``lm_head`` new columns, each set to
+        the mean of the existing rows (columns): a new token starts as an average
+        token, so its logit is moderate instead of random. Every existing weight
+        keeps its bits; ``config.vocab_size`` becomes ``vocab_size`` (checkpoints
+        record it). Shrinking is refused: it would drop trained tokens. Call it on
+        the whole model, before training or cutting it into pipeline stages.
+        """
+        c = self.config
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size < c.vocab_size:
+            raise ValueError(f"resize_token_embeddings: the new vocabulary size must be an integer >= the current "
+                             f"{c.vocab_size}, got {vocab_size!r}")
+        if self.n_stages != 1:
+            raise ValueError("resize_token_embeddings works on the whole model, not a pipeline stage")
+        extra = int(vocab_size) - c.vocab_size
+        if extra == 0:
+            return self
+        xp = backend.get_array_module(self.wte.weight.data)
+
+        def grown(w, axis):
+            mean = w.mean(axis=axis, keepdims=True, dtype=np.float64).astype(w.dtype)  # (1, C) or (C, 1)
+            reps = (extra, 1) if axis == 0 else (1, extra)
+            return xp.concatenate([w, xp.tile(mean, reps)], axis=axis)
+
+        old = self.wte.weight
+        self.wte.weight = nn.Parameter(grown(old.data, 0), requires_grad=old.requires_grad,
+                                       no_decay=old.no_decay)  # (V', C)
+        self.wte.num_embeddings = int(vocab_size)
+        if self.lm_head is not None:
+            head = self.lm_head.weight
+            self.lm_head.weight = nn.Parameter(grown(head.data, 1), requires_grad=head.requires_grad,
+                                               no_decay=head.no_decay)  # (C, V')
+            self.lm_head.out_features = int(vocab_size)
+        self.config = dataclasses.replace(c, vocab_size=int(vocab_size))
+        return self
+
     def new_kv_caches(self, max_len: int | None = None) -> list:
         """One empty ``nn.KVCache`` per layer, each holding up to ``max_len`` positions (default: block_size)."""
         max_len = self.config.block_size if max_len is None else max_len

@@ -315,6 +315,26 @@ class Tokenizer:
 
     vocab_size = n_vocab
 
+    def with_special_tokens(self, names):
+        """A copy of this tokenizer with the special tokens ``names`` added where missing.
+
+        New tokens get the ids ``n_vocab, n_vocab + 1, ...`` in the order given; every
+        existing id (ordinary or special) is unchanged, so text encodes to the same ids
+        as before unless it is a new special token's text. Names already present are
+        kept as they are. (A model grows its embedding to match with
+        ``GPT.resize_token_embeddings(tokenizer.n_vocab)``.)
+        """
+        names = list(names)
+        if not all(isinstance(s, str) and s for s in names) or len(set(names)) != len(names):
+            raise ValueError(f"special token names must be distinct non-empty strings, got {names!r}")
+        specials = dict(self._special)
+        next_id = self.n_vocab
+        for name in names:
+            if name not in specials:
+                specials[name] = next_id
+                next_id += 1
+        return Tokenizer(self._ranks, specials, self.pattern, merges=self._merges, cache_size=self._cache_size)
+
     @property
     def mergeable_ranks(self):
         """A copy of ``bytes -> id`` for the ordinary tokens."""
