@@ -16,6 +16,7 @@ COMMANDS = {
     "size": ("llm.sizing", "parameter count, training FLOPs per token and compute-optimal tokens of a model preset"),
     "tokenizer": ("llm.tokenizer.cli", "train a byte-level BPE tokenizer, or encode / decode with one"),
     "eval": ("llm.eval.cli", "score a checkpoint on benchmarks (MMLU, ARC, GSM8K, HumanEval...) as lm-eval does"),
+    "reward": ("llm.post.reward", "train a reward model on preference pairs / rankings from an SFT checkpoint"),
     "report": ("llm.eval.report", "a Markdown report card of run folders: training curves and evaluations"),
 }
 

@@ -174,3 +174,92 @@ def test_reward_stats_and_normalization():
     z = norm(np.array([1.0, 0.0, 2.0, 3.0]))
     assert abs(z.mean()) < 1e-12 and z.std() == pytest.approx(1.0)
     assert RewardNormalization.from_json(norm.to_json()) == norm
+
+
+# ---------------------------------------------------------------------------
+# the job: python -m llm reward
+# ---------------------------------------------------------------------------
+
+TEXT = "the cat sat on the mat. good answer, bad answer. what is two and two? it is four. hello there. " * 20
+
+
+def chat_checkpoint(path, seed=0, block=48):
+    """A tiny 'SFT' checkpoint: a 1-layer GPT whose tokenizer has the chat tokens."""
+    from llm.checkpoint import save_model
+    from llm.post.chat import add_chat_tokens
+    from llm.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(TEXT, vocab_size=300)
+    model = GPT(get_preset("tiny", vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=32, block_size=block),
+                generator=np.random.default_rng(seed))
+    tok, _ = add_chat_tokens(tok, model)
+    save_model(path, model, tok)
+    return path
+
+
+def preference_file(path, n=48, seed=0):
+    """Pairs whose chosen reply says 'good' and rejected 'bad' (and one 3-way ranking): learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for k in range(n):
+            q = ["the cat", "what is two and two", "hello there", "the mat"][k % 4]
+            w = int(rng.integers(1, 4))
+            f.write(json.dumps({"prompt": q, "chosen": " ".join(["good"] * w), "rejected": " ".join(["bad"] * w)})
+                    + "\n")
+        f.write(json.dumps({"prompt": "the cat", "responses": ["good good", "it is four", "bad bad"]}) + "\n")
+    return path
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(tmp_path_factory):
+    return chat_checkpoint(tmp_path_factory.mktemp("sft") / "sft.safetensors")
+
+
+def test_reward_job_learns_held_out_preferences_and_stores_its_normalization(sft_ckpt, tmp_path, capsys):
+    from llm.post.reward import main
+    from llm.post.reward_model import load_reward_model
+
+    prefs = preference_file(tmp_path / "prefs.jsonl")
+    out = tmp_path / "rm"
+    code = main(["--init", str(sft_ckpt), "--data", str(prefs), "--val-fraction", "0.25", "--out-dir", str(out),
+                 "--max-steps", "40", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "4",
+                 "--eval-interval", "20", "--no-progress", "--center-coef", "0.01"])
+    assert code == 0, capsys.readouterr().err
+    lines = [m for m in read_metrics(out / "metrics.jsonl") if "val_accuracy" in m]
+    last = lines[-1]
+    for key in ("loss", "val_loss", "train_accuracy", "train_margin", "val_accuracy", "val_margin", "val_reward_mean",
+                "val_reward_min", "val_reward_max", "norm_gain", "norm_bias"):
+        assert key in last, key
+    assert last["val_accuracy"] >= 0.9 and last["val_margin"] > 1.0 and last["val_loss"] < 0.1 * math.log(2)
+    assert abs(last["val_reward_mean"]) < 0.5  # the centring term keeps the rewards near 0
+    assert "held-out pairs: accuracy" in capsys.readouterr().out
+    model, tok, norm, meta = load_reward_model(out / "ckpt.safetensors")
+    assert meta["job"] == "reward" and norm is not None and norm.step == 40
+    assert norm.gain == pytest.approx(last["norm_gain"]) and norm.bias == pytest.approx(last["norm_bias"])
+
+
+def test_reward_job_bad_input_is_one_clear_message(sft_ckpt, tmp_path, capsys):
+    from llm.post.reward import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) + "\n")
+    assert main(["--init", str(sft_ckpt), "--data", str(bad), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "identical" in capsys.readouterr().err
+    assert main(["--init", str(tmp_path / "nope.safetensors"), "--data", str(bad),
+                 "--out-dir", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    # a model whose tokenizer lacks the chat tokens
+    from llm.checkpoint import save_model
+    from llm.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(TEXT, vocab_size=280)
+    plain = tmp_path / "plain.safetensors"
+    save_model(plain, GPT(get_preset("tiny", vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16, block_size=16),
+                          generator=np.random.default_rng(0)), tok)
+    good = preference_file(tmp_path / "good.jsonl", n=8)
+    assert main(["--init", str(plain), "--data", str(good), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "lacks the chat token" in capsys.readouterr().err

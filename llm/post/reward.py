@@ -32,6 +32,7 @@ import numpy as np
 
 from ..trainer import Job, SetupError, add_trainer_flags
 from ..trainer.config import nonneg_float, positive_int, threads_note, unit_float
+from .chat import ChatFormatError
 from .rankings import PreferenceDataError, Ranking, RowSampler, encode_rankings, read_rankings
 from .reward_model import (METADATA_KEY, RewardModel, RewardNormalization, RewardStats, bradley_terry_loss,
                            sequence_scores)
@@ -53,14 +54,24 @@ def load_policy(path, what: str = "--init"):
     return model, tokenizer
 
 
-def chat_encoder(tokenizer, max_len: int):
-    """``encode(prompt, response) -> (ids, truncated)``: a one-turn conversation in the chat format (issue 14's
-    ``llm.post.chat``), the response ending with the end token; long prompts lose tokens on the left."""
+def prompt_messages(prompt) -> list:
+    """A record's prompt as chat messages: text becomes one user turn; a list of messages stays as it is."""
+    return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def chat_encoder(tokenizer, max_len: int, template: str = "chat"):
+    """``encode(prompt, response) -> (ids, truncated)``: the prompt and the response as a conversation in the chat
+    format (``llm.post.chat.render``), the response ending with the end token; a sequence longer than ``max_len``
+    loses prompt tokens on the left (``chat.truncate``)."""
     from . import chat
 
+    chat.chat_tokens(tokenizer)  # a tokenizer without the chat tokens: one clear message now
+
     def encode(prompt, response):
-        messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        return chat.render_ids(tokenizer, messages + [{"role": "assistant", "content": response}], max_len)
+        rendered = chat.render(tokenizer, prompt_messages(prompt) + [{"role": "assistant", "content": response}],
+                               template)
+        fitted, cut_prompt, cut_answer = chat.truncate(rendered, max_len)
+        return fitted.ids, bool(cut_prompt or cut_answer)
 
     return encode
 
@@ -108,9 +119,9 @@ class RewardJob(Job):
         self.policy, self.tokenizer = policy, tokenizer
         block = policy.config.block_size
         self.max_len = min(args.max_length or block, block)
-        encode = encode if encode is not None else chat_encoder(tokenizer, self.max_len)
         pad = _pad_id(tokenizer)
         try:
+            encode = encode if encode is not None else chat_encoder(tokenizer, self.max_len, args.template)
             train = [r for path in args.data for r in read_rankings(path)]
             if args.val_data:
                 val = [r for path in args.val_data for r in read_rankings(path)]
@@ -120,7 +131,7 @@ class RewardJob(Job):
             self.val = encode_rankings(val, encode, pad, self.max_len)
             self.norm_ref = encode_rankings(_read_samples(args.norm_data), encode, pad, self.max_len) \
                 if args.norm_data else None
-        except (PreferenceDataError, OSError, json.JSONDecodeError) as e:
+        except (PreferenceDataError, ChatFormatError, OSError, json.JSONDecodeError) as e:
             raise SetupError(str(e)) from None
         cut = self.train.truncated + self.val.truncated
         log(f"reward data: {len(self.train)} training rankings ({self.train.pairs} pairs), {len(self.val)} held out "
@@ -193,10 +204,9 @@ class RewardJob(Job):
 def _pad_id(tokenizer) -> int:
     """The chat format's padding id where the tokenizer has one, else end-of-text (only its position matters:
     the last real token is found from the mask)."""
-    for name in ("<|pad|>",):
-        if name in tokenizer.special_tokens:
-            return tokenizer.special_tokens[name]
-    return tokenizer.eot_token
+    from .chat import PAD_TOKEN
+
+    return tokenizer.special_tokens.get(PAD_TOKEN, tokenizer.eot_token)
 
 
 # ---------------------------------------------------------------------------
@@ -223,6 +233,8 @@ def add_reward_data_flags(parser):
     g.add_argument("--center-coef", type=nonneg_float, default=0.0, metavar="X",
                    help="weight of the centring term (r_chosen + r_rejected)^2 per pair (TRL's "
                         "center_rewards_coefficient; e.g. 0.01) (default 0)")
+    g.add_argument("--template", choices=["chat", "alpaca"], default="chat",
+                   help="the chat template the SFT model was trained with (default chat)")
     g.add_argument("--max-length", type=positive_int, default=None, metavar="N",
                    help="tokens per rendered sequence; longer prompts lose tokens on the left (default: the "
                         "model's block size)")
