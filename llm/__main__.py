@@ -17,6 +17,7 @@ COMMANDS = {
     "tokenizer": ("llm.tokenizer.cli", "train a byte-level BPE tokenizer, or encode / decode with one"),
     "eval": ("llm.eval.cli", "score a checkpoint on benchmarks (MMLU, ARC, GSM8K, HumanEval...) as lm-eval does"),
     "reward": ("llm.post.reward", "train a reward model on preference pairs / rankings from an SFT checkpoint"),
+    "ppo": ("llm.post.ppo", "RLHF: PPO on a policy with a reward model or a programmatic reward (TRL's semantics)"),
     "report": ("llm.eval.report", "a Markdown report card of run folders: training curves and evaluations"),
 }
 

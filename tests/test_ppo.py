@@ -216,6 +216,7 @@ def test_token_logprobs_and_entropy_at_a_temperature():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_step_bandit_reaches_the_kl_regularised_optimum():
     """With the k1 KL penalty in the reward, the optimum of E[r] - beta KL(pi || pi_ref) is
     pi* proportional to pi_ref * exp(r / beta); PPO's updates (GAE with one step, whitening, the clipped
@@ -260,3 +261,213 @@ def test_one_step_bandit_reaches_the_kl_regularised_optimum():
     start = 0.5 * np.abs(np.exp(ref_logits) - target).sum()
     assert start > 0.2  # the optimum is far from the reference ...
     assert tv < 0.1, (probs(), target)  # ... and PPO got there
+
+
+# ---------------------------------------------------------------------------
+# rollouts: truncation, the layout, log-probs under padding
+# ---------------------------------------------------------------------------
+
+from llm.post import rollout as ro  # noqa: E402
+from rlhf_fixtures import chat_checkpoint, prompt_file, read_metrics, vowel_reward  # noqa: E402
+
+
+def test_responses_are_cut_after_the_first_end_token():
+    eos, pad = 9, 0
+    got = ro.truncate_after_eos(np.array([[5, 9, 7, 9], [4, 4, 4, 4], [9, 9, 9, 9]]), eos, pad, length=5)
+    np.testing.assert_array_equal(got.tokens, [[5, 9, 0, 0, 0], [4, 4, 4, 4, 0], [9, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(got.mask.sum(1), [2, 4, 1])  # the end token is a real token
+    np.testing.assert_array_equal(got.ended, [True, False, True])
+
+
+def test_packed_log_probs_equal_each_row_alone():
+    from llm.checkpoint import load_model
+
+    model = GPT_tiny()
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    resp = ro.truncate_after_eos(np.array([[7, 8, 9], [7, 9, 8], [8, 8, 8]]), eos_id=9, pad_id=0, length=4)
+    batch = ro.pack(prompts, resp, prompt_width=4, pad_id=0)
+    assert batch.ids.shape == (3, 8) and batch.real.sum() == 3 + 2 + 1 + 3 + 2 + 3
+    got = ro.response_logprobs(model, batch, temperature=0.5)
+    for b, p in enumerate(prompts):
+        r = resp.tokens[b][resp.mask[b]]
+        logits, _ = model(np.array([list(p) + list(r)]))
+        x = logits.data[0, len(p) - 1:len(p) - 1 + len(r)].astype(np.float64) / 0.5
+        logp = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+        want = logp[np.arange(len(r)), r]
+        np.testing.assert_allclose(got[b, :len(r)], want, rtol=1e-4, atol=1e-5)
+        assert (got[b, len(r):] == 0).all()
+
+
+def GPT_tiny():
+    from llm.model import GPT, get_preset
+
+    return GPT(get_preset("tiny", vocab_size=12, n_layer=1, n_head=2, n_embd=16, block_size=16),
+               generator=np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------------------
+# rewards
+# ---------------------------------------------------------------------------
+
+from llm.post import rewards as rw  # noqa: E402
+
+
+def test_builtin_rewards():
+    assert rw.arithmetic_reward([], [" 19 ", "18", "19 apples"], [{"answer": "19"}] * 3) == [1.0, 0.0, 0.0]
+    assert rw.gsm8k_reward([], ["so it is 1,234.", "42", "no idea"],
+                           [{"answer": "worked... #### 1234"}, {"answer": "41"}, {"answer": "3"}]) == [1.0, 0.0, 0.0]
+    assert rw.code_of("here:\n```python\ndef f():\n    return 1\n```\nbye") == "def f():\n    return 1\n"
+
+
+@pytest.mark.slow
+def test_unit_test_reward_runs_the_code_in_the_sandbox():
+    got = rw.unit_test_reward([], ["def f(x):\n    return x + 1", "def f(x):\n    return x", "while True: pass"],
+                              [{"tests": ["assert f(1) == 2"]}] * 3, timeout_s=2.0)
+    assert got == [1.0, 0.0, 0.0]
+
+
+def test_a_reward_that_returns_nan_or_the_wrong_shape_is_a_clear_error():
+    comp = rw.Completions(["p", "q"], ["a", "b"], [{}, {}], [[1], [2]], [[3], [4]], np.array([True, True]))
+    with pytest.raises(rw.RewardError, match=r"'nan_reward' returned 1 value\(s\) that are not finite.*response 1: nan"):
+        rw.CallableReward(lambda p, r, rec: [1.0, float("nan")], "nan_reward")(comp)
+    with pytest.raises(rw.RewardError, match=r"returned shape \(3,\) for 2 responses"):
+        rw.CallableReward(lambda p, r, rec: [1.0, 2.0, 3.0], "long")(comp)
+    with pytest.raises(rw.RewardError, match=r"returned shape \(2, 1\)"):
+        rw.CallableReward(lambda p, r, rec: [[1.0], [2.0]], "nested")(comp)
+    with pytest.raises(rw.RewardError, match="raised ZeroDivisionError"):
+        rw.CallableReward(lambda p, r, rec: [1 / 0], "boom")(comp)
+    with pytest.raises(rw.RewardError, match="needs the field 'answer'"):
+        rw.load_reward("arithmetic")(comp)
+    with pytest.raises(rw.RewardError, match="unknown reward"):
+        rw.load_reward("nonsense")
+    with pytest.raises(rw.RewardError, match="has no attribute"):
+        rw.load_reward("llm.post.rewards:nope")
+    assert rw.load_reward("llm.post.rewards:arithmetic_reward").name == "llm.post.rewards:arithmetic_reward"
+
+
+# ---------------------------------------------------------------------------
+# the PPO job
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ppo")
+    return {"ckpt": chat_checkpoint(folder / "sft.safetensors"), "prompts": prompt_file(folder / "prompts.jsonl"),
+            "folder": folder}
+
+
+def ppo_argv(toy, out, *extra, steps=8):
+    return ["--init", str(toy["ckpt"]), "--prompts", str(toy["prompts"]), "--out-dir", str(out),
+            "--rollout-batch", "16", "--gen-batch", "8", "--batch-size", "8", "--ppo-epochs", "2",
+            "--response-length", "4", "--lr", "1e-2", "--max-steps", str(steps), "--eval-interval", "4",
+            "--log-interval", "1", "--no-progress", "--val-fraction", "0.25", "--eval-prompts", "4", *extra]
+
+
+def vowel():
+    return rw.CallableReward(vowel_reward, "vowel")
+
+
+@pytest.fixture(autouse=True)
+def fast_flops(monkeypatch):
+    from llm.trainer import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "measure_matmul_flops", lambda device="cpu", n=512, seconds=0.5: 1e10)
+
+
+def test_the_first_minibatch_has_ratio_one(toy, tmp_path):
+    from llm.post.ppo import PPOJob, build_parser
+
+    args = build_parser().parse_args(ppo_argv(toy, tmp_path / "o"))
+    job = PPOJob(args, reward=vowel(), log=lambda *a: None)
+    model = job.build_model()
+    model.train()
+    batch = job.train_sampler(0, 1).next_batch()
+    out = model(batch["input_ids"], **job.model_kwargs(batch))
+    total, n = job.loss(out, batch)
+    s = job.loss_stats.values
+    assert n == batch["mask"].sum() and s["tokens"] == n
+    assert abs(s["ratio"] / n - 1.0) < 1e-5 and s["approx_kl"] / n < 1e-10 and s["pg_clipped"] == 0
+    # the value model starts at 0 (a zero head on the policy's trunk): the value loss is 0.5 * returns^2
+    assert np.abs(batch["old_values"]).max() == 0
+
+
+@pytest.mark.slow
+def test_toy_task_reward_rises_from_chance_while_the_kl_stays_bounded(toy, tmp_path, capsys):
+    """The reward: 1 when the response starts with a vowel. A random tiny policy does that for ~10% of responses;
+    PPO must bring the rollouts' mean reward to >= 0.6 while the KL to the reference stays bounded."""
+    from llm.post.ppo import main
+
+    out = tmp_path / "run"
+    code = main(ppo_argv(toy, out, "--rollout-batch", "32", "--gen-batch", "16", "--batch-size", "16",
+                         "--lr", "2e-2", "--eval-interval", "4", steps=100), reward=vowel())
+    assert code == 0, capsys.readouterr().err
+    evals = [m for m in read_metrics(out / "metrics.jsonl") if "score" in m]
+    first, last = evals[0], evals[-1]
+    assert first["score"] <= 0.3  # the first iteration's rollouts: chance
+    assert np.mean([m["score"] for m in evals[-3:]]) >= 0.6, [m["score"] for m in evals]
+    assert max(m["kl"] for m in evals) < 12.0 and last["heldout_kl"] < 12.0  # nats per 4-token response
+    for key in ("score", "kl", "rlhf_reward", "non_score_reward", "approx_kl", "clipfrac", "vf_clipfrac",
+                "value_error", "entropy", "ratio", "eos_fraction", "generate_share", "heldout_score",
+                "ref_heldout_score", "heldout_kl", "kl_coef"):
+        assert key in last, key
+    printed = capsys.readouterr().out
+    assert "generation took" in printed and "held-out reward" in printed
+    from llm.checkpoint import load_model
+
+    policy, tok, meta = load_model(out / "policy.safetensors")  # the policy alone, for eval and generate
+    assert meta["job"] == "ppo" and meta["step"] == 100
+
+
+def test_ppo_resume_is_bitwise(toy, tmp_path):
+    from llm.post.ppo import main
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(ppo_argv(toy, whole, "--ckpt-interval", "3", steps=7), reward=vowel()) == 0
+    assert main(ppo_argv(toy, part, "--lr-decay-steps", "7", steps=3), reward=vowel()) == 0  # mid-iteration
+    assert main(ppo_argv(toy, part, "--lr-decay-steps", "7", "--resume", steps=7), reward=vowel()) == 0
+    a = [m["loss"] for m in read_metrics(whole / "metrics.jsonl")]
+    b = [m["loss"] for m in read_metrics(part / "metrics.jsonl")]
+    assert len(a) == 7 and a == b
+
+
+def test_missing_eos_penalty_lowers_the_score_of_responses_that_never_end(toy, tmp_path):
+    from llm.post.ppo import PPOJob, build_parser
+
+    zero = rw.CallableReward(lambda p, r, rec: [0.0] * len(r), "zero")
+    args = build_parser().parse_args(ppo_argv(toy, tmp_path / "o", "--missing-eos-penalty", "2.5"))
+    job = PPOJob(args, reward=zero, log=lambda *a: None)
+    job.build_model()
+    job.train_sampler(0, 1).next_batch()
+    s = job.rollout_stats.values
+    # a random policy almost never writes the end token within 4 tokens: nearly every response is penalised
+    assert s["eos"] < s["responses"]
+    assert s["score"] == pytest.approx(-2.5 * (s["responses"] - s["eos"]))
+
+
+def test_ppo_bad_input_gets_one_clear_message(toy, tmp_path, capsys):
+    from llm.post.ppo import main
+
+    nan = rw.CallableReward(lambda p, r, rec: [float("nan")] * len(r), "nan_reward")
+    assert main(ppo_argv(toy, tmp_path / "a"), reward=nan) == 2
+    assert "'nan_reward' returned 8 value(s) that are not finite" in capsys.readouterr().err
+    # a reference that is not the policy's architecture
+    other = chat_checkpoint(tmp_path / "other.safetensors", n_embd=16)
+    assert main(ppo_argv(toy, tmp_path / "b", "--ref", str(other)), reward=vowel()) == 2
+    assert "is not the policy's architecture" in capsys.readouterr().err
+    # a reward model whose tokenizer differs from the policy's
+    from llm.post.reward import main as reward_main
+    from rlhf_fixtures import preference_file
+
+    foreign = chat_checkpoint(tmp_path / "foreign.safetensors", vocab=290)
+    rm_out = tmp_path / "rm"
+    assert reward_main(["--init", str(foreign), "--data", str(preference_file(tmp_path / "p.jsonl", n=8)),
+                        "--out-dir", str(rm_out), "--max-steps", "1", "--batch-size", "2", "--no-progress"]) == 0
+    assert main(ppo_argv(toy, tmp_path / "c", "--reward-model", str(rm_out / "ckpt.safetensors"))) == 2
+    assert "not the policy's" in capsys.readouterr().err
+    # no reward, two rewards, pipeline stages
+    assert main(ppo_argv(toy, tmp_path / "d")) == 2
+    assert "give exactly one reward" in capsys.readouterr().err
+    assert main(ppo_argv(toy, tmp_path / "e", "--reward", "arithmetic", "--reward-model", "x")) == 2
+    assert main(ppo_argv(toy, tmp_path / "f", "--pp", "2"), reward=vowel()) == 2
+    assert "--pp 1" in capsys.readouterr().err

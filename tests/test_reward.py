@@ -13,6 +13,7 @@ from llm.model import GPT, get_preset
 from llm.post.rankings import (PreferenceDataError, RowSampler, encode_rankings, ranking_from_record, read_rankings)
 from llm.post.reward_model import (RewardModel, RewardNormalization, RewardStats, bradley_terry_loss,
                                    sequence_scores)
+from rlhf_fixtures import TEXT, chat_checkpoint, preference_file, read_metrics
 
 
 def tiny_policy(vocab=40, seed=0, block=32):
@@ -179,40 +180,6 @@ def test_reward_stats_and_normalization():
 # ---------------------------------------------------------------------------
 # the job: python -m llm reward
 # ---------------------------------------------------------------------------
-
-TEXT = "the cat sat on the mat. good answer, bad answer. what is two and two? it is four. hello there. " * 20
-
-
-def chat_checkpoint(path, seed=0, block=48):
-    """A tiny 'SFT' checkpoint: a 1-layer GPT whose tokenizer has the chat tokens."""
-    from llm.checkpoint import save_model
-    from llm.post.chat import add_chat_tokens
-    from llm.tokenizer import Tokenizer
-
-    tok = Tokenizer.train(TEXT, vocab_size=300)
-    model = GPT(get_preset("tiny", vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=32, block_size=block),
-                generator=np.random.default_rng(seed))
-    tok, _ = add_chat_tokens(tok, model)
-    save_model(path, model, tok)
-    return path
-
-
-def preference_file(path, n=48, seed=0):
-    """Pairs whose chosen reply says 'good' and rejected 'bad' (and one 3-way ranking): learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for k in range(n):
-            q = ["the cat", "what is two and two", "hello there", "the mat"][k % 4]
-            w = int(rng.integers(1, 4))
-            f.write(json.dumps({"prompt": q, "chosen": " ".join(["good"] * w), "rejected": " ".join(["bad"] * w)})
-                    + "\n")
-        f.write(json.dumps({"prompt": "the cat", "responses": ["good good", "it is four", "bad bad"]}) + "\n")
-    return path
-
-
-def read_metrics(path):
-    return [json.loads(line) for line in open(path)]
-
 
 @pytest.fixture(scope="module")
 def sft_ckpt(tmp_path_factory):
