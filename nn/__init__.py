@@ -8,7 +8,8 @@
 
 from . import amp, functional, init, optim
 from .layers import (MLP, GELU, Block, CausalSelfAttention, Dropout, Embedding, Identity, KVCache, LayerNorm, Linear,
-                     RMSNorm, SiLU, SwiGLU, check_heads, linear, llama_hidden_dim)
+                     LoRALinear, RMSNorm, SiLU, SwiGLU, apply_lora, check_heads, linear, llama_hidden_dim, lora_disabled,
+                     lora_layers, lora_state_dict, merged_state_dict)
 from .module import IncompatibleKeys, Module, ModuleDict, ModuleList, Parameter, Sequential, functional_call
 from .recompute import recompute
 
@@ -16,5 +17,6 @@ __all__ = [
     "Module", "Parameter", "ModuleList", "ModuleDict", "Sequential", "IncompatibleKeys", "functional_call",
     "Linear", "linear", "Embedding", "Dropout", "GELU", "SiLU", "Identity", "MLP", "SwiGLU", "llama_hidden_dim",
     "LayerNorm", "RMSNorm", "CausalSelfAttention", "KVCache", "check_heads", "Block",
+    "LoRALinear", "apply_lora", "lora_layers", "lora_state_dict", "merged_state_dict", "lora_disabled",
     "recompute", "init", "optim", "functional", "amp",
 ]

@@ -3,9 +3,11 @@
 from .basic import GELU, Dropout, Embedding, Identity, Linear, LinearFunction, SiLU, linear
 from .attention import CausalSelfAttention, KVCache, check_heads
 from .block import Block
+from .lora import LoRALinear, apply_lora, lora_disabled, lora_layers, lora_state_dict, merged_state_dict
 from .mlp import MLP, SwiGLU, llama_hidden_dim
 from .norm import LayerNorm, RMSNorm
 
 __all__ = ["Linear", "LinearFunction", "linear", "Embedding", "Dropout", "GELU", "SiLU", "Identity",
            "MLP", "SwiGLU", "llama_hidden_dim",
-           "LayerNorm", "RMSNorm", "CausalSelfAttention", "KVCache", "check_heads", "Block"]
+           "LayerNorm", "RMSNorm", "CausalSelfAttention", "KVCache", "check_heads", "Block",
+           "LoRALinear", "apply_lora", "lora_layers", "lora_state_dict", "merged_state_dict", "lora_disabled"]
