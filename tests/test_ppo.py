@@ -280,8 +280,6 @@ def test_responses_are_cut_after_the_first_end_token():
 
 
 def test_packed_log_probs_equal_each_row_alone():
-    from llm.checkpoint import load_model
-
     model = GPT_tiny()
     prompts = [[1, 2, 3], [4, 5], [6]]
     resp = ro.truncate_after_eos(np.array([[7, 8, 9], [7, 9, 8], [8, 8, 8]]), eos_id=9, pad_id=0, length=4)

@@ -10,7 +10,8 @@ import pytest
 import autograd
 from autograd import Tensor
 from llm.model import GPT, get_preset
-from llm.post.rankings import (PreferenceDataError, RowSampler, encode_rankings, ranking_from_record, read_rankings)
+from llm.post.data import DataError
+from llm.post.rankings import RowSampler, encode_rankings, ranking_from_record, read_rankings
 from llm.post.reward_model import (RewardModel, RewardNormalization, RewardStats, bradley_terry_loss,
                                    sequence_scores)
 from rlhf_fixtures import TEXT, chat_checkpoint, preference_file, read_metrics
@@ -118,28 +119,31 @@ def test_a_k_way_ranking_becomes_every_pair_inside_one_batch_element():
 
 
 @pytest.mark.parametrize("record, words", [
-    ({"chosen": "a", "rejected": "b"}, "missing field 'prompt'"),
-    ({"prompt": "p", "chosen": "a"}, "missing field"),
-    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "identical"),
-    ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, "'margin' must be a finite number"),
+    ({"chosen": "a", "rejected": "b"}, "lacks 'prompt'"),
+    ({"prompt": "p", "chosen": "a"}, "lacks 'rejected'"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "the same answer"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, '"margin" must be a finite number'),
     ({"prompt": "p", "responses": ["a"]}, "at least 2"),
     ({"prompt": "p", "responses": ["a", "a"]}, "appears twice"),
-    ({"prompt": "p", "responses": ["a", "b"], "scores": [1]}, "'scores' must be a list of 2"),
+    ({"prompt": "p", "responses": ["a", "b"], "scores": [1]}, '"scores" must be a list of 2'),
     ({"prompt": "p", "responses": ["a", "b"], "scores": [1, 1]}, "same score"),
-    ({"prompt": 3, "chosen": "a", "rejected": "b"}, "'prompt' must be text"),
-    ({"prompt": "p", "chosen": 1, "rejected": "b"}, "'chosen' must be a string"),
+    ({"prompt": "p", "responses": ["a", 2]}, r'"responses"\[1\] must be a string'),
+    ({"prompt": 3, "chosen": "a", "rejected": "b"}, '"prompt" must be a string or a list of messages'),
+    ({"prompt": "p", "chosen": 1, "rejected": "b"}, '"chosen" must be a string or a list of messages'),
+    ({"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+      "responses": ["a", "b"]}, "must end with a user turn"),
 ])
 def test_bad_preference_records_get_one_clear_message(record, words):
-    with pytest.raises(PreferenceDataError, match=words):
+    with pytest.raises(DataError, match=words):
         ranking_from_record(record, "prefs.jsonl:3")
 
 
 def test_read_rankings_names_the_file_and_line(tmp_path):
     path = tmp_path / "prefs.jsonl"
     path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n{not json\n")
-    with pytest.raises(PreferenceDataError, match=r"prefs.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"prefs.jsonl:2: not valid JSON"):
         read_rankings(path)
-    with pytest.raises(PreferenceDataError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         read_rankings(tmp_path / "nope.jsonl")
 
 
@@ -215,7 +219,7 @@ def test_reward_job_bad_input_is_one_clear_message(sft_ckpt, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) + "\n")
     assert main(["--init", str(sft_ckpt), "--data", str(bad), "--out-dir", str(tmp_path / "o")]) == 2
-    assert "identical" in capsys.readouterr().err
+    assert "the same answer" in capsys.readouterr().err
     assert main(["--init", str(tmp_path / "nope.safetensors"), "--data", str(bad),
                  "--out-dir", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -71,8 +71,6 @@ import argparse
 import base64
 import dataclasses
 import io
-import json
-import math
 import sys
 import time
 
@@ -144,29 +142,18 @@ class PolicyAndValue(nn.Module):
 
 def read_prompt_records(path) -> list:
     """Prompt records from a JSONL file: objects with a ``prompt`` (text or chat messages) and any other fields."""
-    from .rankings import PreferenceDataError, _prompt
+    from .data import DataError, read_jsonl
+    from .rankings import record_prompt
 
-    records = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SetupError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise SetupError(f"{path}:{n}: a prompt record is a JSON object with a 'prompt' field")
-                _prompt(rec, f"{path}:{n}")
-                records.append(rec)
-    except FileNotFoundError:
-        raise SetupError(f"--prompts: {path} does not exist") from None
-    except PreferenceDataError as e:
-        raise SetupError(str(e)) from None
-    if not records:
-        raise SetupError(f"{path} holds no prompt record")
-    return records
+        records = read_jsonl(path)
+        for where, rec in records:
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: a prompt record is a JSON object with a \"prompt\" field")
+            record_prompt(rec, where)
+    except DataError as e:
+        raise SetupError(f"--prompts: {e}") from None
+    return [rec for _, rec in records]
 
 
 @dataclasses.dataclass
@@ -184,11 +171,11 @@ class PromptSet:
 def render_prompts(records: list, tokenizer, max_tokens: int, template: str = "chat") -> PromptSet:
     """Render each record's prompt as a generation prompt (``chat.render(..., add_generation_prompt=True)``)."""
     from . import chat
-    from .reward import prompt_messages
+    from .rankings import record_prompt
 
     ids, cut = [], 0
     for rec in records:
-        r = chat.render(tokenizer, prompt_messages(rec["prompt"]), template, add_generation_prompt=True).ids
+        r = chat.render(tokenizer, record_prompt(rec), template, add_generation_prompt=True).ids
         if len(r) > max_tokens:
             r, cut = r[len(r) - max_tokens:], cut + 1
         ids.append(r)

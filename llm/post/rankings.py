@@ -8,8 +8,9 @@ Records (one JSON object per line):
                                                                           equal scores make no pair)
 
 ``prompt`` is text or a conversation (a list of ``{"role", "content"}``
-messages); the job's ``encode(prompt, response)`` renders it (the chat
-format). A ranking of K responses gives every ordered pair of them
+messages, ending with a user turn); pairs may also use TRL's conversational
+form (``llm.post.data``, which reads DPO's pairs, reads them here too); the
+job's ``encode(prompt, response)`` renders them in the chat format. A ranking of K responses gives every ordered pair of them
 (K (K - 1) / 2 pairs when there are no ties) and stays one batch element, so
 its K responses are scored by one forward and its pairs are never split
 between micro-batches or ranks.
@@ -22,107 +23,94 @@ K). K and T are the largest of the data set, so every batch has one shape.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-
-class PreferenceDataError(ValueError):
-    """A preference record is malformed; the message names the record and the fix."""
+from .chat import ChatFormatError, check_conversation
+from .data import DATASETS, DataError, dataset_records, pair_from_record, read_jsonl
 
 
 @dataclass
 class Ranking:
-    """One prompt's responses and its preferred pairs ``(i, j, margin)``: response i beats response j."""
+    """One prompt (chat messages ending with a user turn), its responses, and the preferred pairs
+    ``(i, j, margin)``: response i beats response j."""
 
-    prompt: object
+    prompt: list
     responses: list
     pairs: list
 
 
-def _text(value, where: str, field: str) -> str:
-    if not isinstance(value, str):
-        raise PreferenceDataError(f"{where}: {field!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _prompt(record, where: str):
+def record_prompt(record, where: str = "record") -> list:
+    """A record's ``prompt`` as chat messages ending with a user turn (text becomes one user turn); DataError
+    naming ``where`` otherwise."""
     if "prompt" not in record:
-        raise PreferenceDataError(f"{where}: missing field 'prompt' (records need 'prompt' and either 'chosen' + "
-                                  f"'rejected' or 'responses'; got fields {sorted(record)})")
+        raise DataError(f"{where}: a ranking record needs \"prompt\" and \"responses\" (its fields: "
+                        f"{', '.join(sorted(record)) or 'none'})")
     prompt = record["prompt"]
     if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                        and isinstance(m.get("role"), str) for m in prompt):
-        return prompt
-    raise PreferenceDataError(f"{where}: 'prompt' must be text or a list of {{'role', 'content'}} messages")
+        return [{"role": "user", "content": prompt}]
+    try:
+        messages = check_conversation(prompt, f"{where}: \"prompt\"")
+    except ChatFormatError as e:
+        raise DataError(str(e)) from None
+    if messages[-1]["role"] == "assistant":
+        raise DataError(f"{where}: \"prompt\" must end with a user turn (the responses follow it)")
+    return messages
+
+
+def _margin(record, where: str) -> float:
+    margin = record.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(margin):
+        raise DataError(f"{where}: \"margin\" must be a finite number, got {margin!r}")
+    return float(margin)
 
 
 def ranking_from_record(record, where: str = "record") -> Ranking:
-    """The ``Ranking`` of one record (see the module docstring); ``PreferenceDataError`` naming ``where`` otherwise."""
+    """The ``Ranking`` of one record (see the module docstring); ``DataError`` naming ``where`` otherwise.
+
+    Pairs are read by ``llm.post.data.pair_from_record`` (DPO's reader: text or
+    Hugging Face's conversational form), plus the optional ``margin``.
+    """
     if not isinstance(record, dict):
-        raise PreferenceDataError(f"{where}: a preference record is a JSON object, got {type(record).__name__}")
-    prompt = _prompt(record, where)
-    if "responses" in record:
-        responses = record["responses"]
-        if not isinstance(responses, list) or len(responses) < 2:
-            raise PreferenceDataError(f"{where}: 'responses' must be a list of at least 2 responses")
-        responses = [_text(r, where, f"responses[{k}]") for k, r in enumerate(responses)]
-        if len(set(responses)) != len(responses):
-            raise PreferenceDataError(f"{where}: the same response appears twice in 'responses'; a ranking "
-                                      "orders different responses")
-        scores = record.get("scores")
-        if scores is None:
-            pairs = [(i, j, 0.0) for i in range(len(responses)) for j in range(i + 1, len(responses))]
-        else:
-            if not isinstance(scores, list) or len(scores) != len(responses) or not all(
-                    isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
-                raise PreferenceDataError(f"{where}: 'scores' must be a list of {len(responses)} finite numbers, "
-                                          "one per response")
-            pairs = [(i, j, 0.0) for i in range(len(responses)) for j in range(len(responses))
-                     if scores[i] > scores[j]]
-            if not pairs:
-                raise PreferenceDataError(f"{where}: every response has the same score: the record prefers "
-                                          "nothing; remove it")
-        return Ranking(prompt, responses, pairs)
-    missing = [f for f in ("chosen", "rejected") if f not in record]
-    if missing:
-        raise PreferenceDataError(f"{where}: missing field(s) {missing} (records need 'prompt' and either "
-                                  f"'chosen' + 'rejected' or 'responses'; got fields {sorted(record)})")
-    chosen, rejected = _text(record["chosen"], where, "chosen"), _text(record["rejected"], where, "rejected")
-    if chosen == rejected:
-        raise PreferenceDataError(f"{where}: 'chosen' and 'rejected' are identical: the pair prefers nothing; "
-                                  "remove it")
-    margin = record.get("margin", 0.0)
-    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(margin):
-        raise PreferenceDataError(f"{where}: 'margin' must be a finite number, got {margin!r}")
-    return Ranking(prompt, [chosen, rejected], [(0, 1, float(margin))])
+        raise DataError(f"{where}: a preference record is a JSON object, got {type(record).__name__}")
+    if "responses" not in record:
+        pair = pair_from_record(record, where)
+        return Ranking(pair.prompt, [pair.chosen, pair.rejected], [(0, 1, _margin(record, where))])
+    prompt = record_prompt(record, where)
+    responses = record["responses"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise DataError(f"{where}: \"responses\" must be a list of at least 2 responses")
+    for k, r in enumerate(responses):
+        if not isinstance(r, str):
+            raise DataError(f"{where}: \"responses\"[{k}] must be a string, got {type(r).__name__}")
+    if len(set(responses)) != len(responses):
+        raise DataError(f"{where}: the same response appears twice in \"responses\"; a ranking orders different "
+                        "responses")
+    scores = record.get("scores")
+    if scores is None:
+        pairs = [(i, j, 0.0) for i in range(len(responses)) for j in range(i + 1, len(responses))]
+    else:
+        if not isinstance(scores, list) or len(scores) != len(responses) or not all(
+                isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in scores):
+            raise DataError(f"{where}: \"scores\" must be a list of {len(responses)} finite numbers, one per "
+                            "response")
+        pairs = [(i, j, 0.0) for i in range(len(responses)) for j in range(len(responses)) if scores[i] > scores[j]]
+        if not pairs:
+            raise DataError(f"{where}: every response has the same score: the record prefers nothing; drop it")
+    return Ranking(prompt, list(responses), pairs)
 
 
-def read_rankings(path) -> list[Ranking]:
-    """Every record of a JSONL file as a ``Ranking`` (errors name the file and line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PreferenceDataError(f"preference data {path} does not exist; pass a JSONL file of records with "
-                                  "'prompt' and 'chosen' + 'rejected' (or 'responses')")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PreferenceDataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            out.append(ranking_from_record(record, f"{path}:{n}"))
-    if not out:
-        raise PreferenceDataError(f"preference data {path} holds no record")
-    return out
+def read_rankings(path=None, dataset=None, subtasks=None, cache_dir=None, log=print) -> list[Ranking]:
+    """Every record of a JSONL file, or of a named preference data set (``llm.post.data.DATASETS``: ``ni_pairs``,
+    ``hhh_alignment``, ``truthful_qa``), as ``Ranking``\\ s (errors name the file and line)."""
+    if dataset is not None and DATASETS.get(dataset, ("preferences",))[0] != "preferences":
+        raise DataError(f"{dataset} holds instructions, not preferences; the preference data sets are "
+                        + ", ".join(k for k, (kind, _) in DATASETS.items() if kind == "preferences"))
+    records = read_jsonl(path) if path is not None else dataset_records(dataset, subtasks, cache_dir, log)
+    return [ranking_from_record(r, where) for where, r in records]
 
 
 @dataclass
@@ -155,7 +143,7 @@ def encode_rankings(rankings: list, encode, pad_id: int, max_len: int | None = N
     ``max_len``: the length every sequence is padded to (default: the longest).
     """
     if not rankings:
-        raise PreferenceDataError("no preference records to encode")
+        raise DataError("no preference records to encode")
     seqs, truncated = [], 0
     for rk in rankings:
         row = []
@@ -168,7 +156,7 @@ def encode_rankings(rankings: list, encode, pad_id: int, max_len: int | None = N
     T = max(len(s) for r in seqs for s in r)
     if max_len is not None:
         if T > max_len:
-            raise PreferenceDataError(f"a rendered sequence has {T} tokens, more than the {max_len} allowed")
+            raise DataError(f"a rendered sequence has {T} tokens, more than the {max_len} allowed")
         T = max_len
     N = len(seqs)
     ids = np.full((N, K, T), int(pad_id), dtype=np.int64)
@@ -224,5 +212,5 @@ class RowSampler:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-__all__ = ["PreferenceDataError", "Ranking", "ranking_from_record", "read_rankings", "PreferenceArrays",
+__all__ = ["Ranking", "record_prompt", "ranking_from_record", "read_rankings", "PreferenceArrays",
            "encode_rankings", "RowSampler"]

@@ -25,7 +25,6 @@ measured at); ``python -m llm ppo --reward-model`` applies it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -33,7 +32,8 @@ import numpy as np
 from ..trainer import Job, SetupError, add_trainer_flags
 from ..trainer.config import nonneg_float, positive_int, threads_note, unit_float
 from .chat import ChatFormatError
-from .rankings import PreferenceDataError, Ranking, RowSampler, encode_rankings, read_rankings
+from .data import DataError, read_jsonl
+from .rankings import Ranking, RowSampler, encode_rankings, read_rankings, record_prompt
 from .reward_model import (METADATA_KEY, RewardModel, RewardNormalization, RewardStats, bradley_terry_loss,
                            sequence_scores)
 
@@ -54,22 +54,16 @@ def load_policy(path, what: str = "--init"):
     return model, tokenizer
 
 
-def prompt_messages(prompt) -> list:
-    """A record's prompt as chat messages: text becomes one user turn; a list of messages stays as it is."""
-    return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-
-
 def chat_encoder(tokenizer, max_len: int, template: str = "chat"):
-    """``encode(prompt, response) -> (ids, truncated)``: the prompt and the response as a conversation in the chat
-    format (``llm.post.chat.render``), the response ending with the end token; a sequence longer than ``max_len``
+    """``encode(prompt, response) -> (ids, truncated)``: the prompt (chat messages) and the response as a
+    conversation in the chat format (``llm.post.chat.render``), the response ending with the end token; a sequence longer than ``max_len``
     loses prompt tokens on the left (``chat.truncate``)."""
     from . import chat
 
     chat.chat_tokens(tokenizer)  # a tokenizer without the chat tokens: one clear message now
 
     def encode(prompt, response):
-        rendered = chat.render(tokenizer, prompt_messages(prompt) + [{"role": "assistant", "content": response}],
-                               template)
+        rendered = chat.render(tokenizer, list(prompt) + [{"role": "assistant", "content": response}], template)
         fitted, cut_prompt, cut_answer = chat.truncate(rendered, max_len)
         return fitted.ids, bool(cut_prompt or cut_answer)
 
@@ -89,16 +83,10 @@ def _split(rankings: list, fraction: float, seed: int):
 def _read_samples(path) -> list:
     """Reference samples for the normalisation: JSONL records ``{"prompt", "response"}`` as one-response rankings."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if not isinstance(rec, dict) or not isinstance(rec.get("response"), str) or "prompt" not in rec:
-                raise PreferenceDataError(f"{path}:{n}: a reference sample is {{'prompt': ..., 'response': '...'}}")
-            out.append(Ranking(rec["prompt"], [rec["response"]], []))
-    if not out:
-        raise PreferenceDataError(f"{path} holds no reference sample")
+    for where, rec in read_jsonl(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get("response"), str):
+            raise DataError(f"{where}: a reference sample is {{\"prompt\": ..., \"response\": \"...\"}}")
+        out.append(Ranking(record_prompt(rec, where), [rec["response"]], []))
     return out
 
 
@@ -122,16 +110,21 @@ class RewardJob(Job):
         pad = _pad_id(tokenizer)
         try:
             encode = encode if encode is not None else chat_encoder(tokenizer, self.max_len, args.template)
-            train = [r for path in args.data for r in read_rankings(path)]
+            if (args.data is None) == (args.dataset is None):
+                raise DataError("give the preference data: --data FILE.jsonl ... or --dataset NAME (one of them)")
+            train = [r for path in args.data for r in read_rankings(path)] if args.data else \
+                read_rankings(dataset=args.dataset, subtasks=args.subtasks, log=log)
             if args.val_data:
                 val = [r for path in args.val_data for r in read_rankings(path)]
+            elif args.val_dataset:
+                val = read_rankings(dataset=args.val_dataset, log=log)
             else:
                 train, val = _split(train, args.val_fraction, args.seed)
             self.train = encode_rankings(train, encode, pad, self.max_len)
             self.val = encode_rankings(val, encode, pad, self.max_len)
             self.norm_ref = encode_rankings(_read_samples(args.norm_data), encode, pad, self.max_len) \
                 if args.norm_data else None
-        except (PreferenceDataError, ChatFormatError, OSError, json.JSONDecodeError) as e:
+        except (DataError, ChatFormatError, OSError) as e:
             raise SetupError(str(e)) from None
         cut = self.train.truncated + self.val.truncated
         log(f"reward data: {len(self.train)} training rankings ({self.train.pairs} pairs), {len(self.val)} held out "
@@ -220,11 +213,18 @@ def add_reward_data_flags(parser):
     g.add_argument("--init", required=True, metavar="CKPT",
                    help="the checkpoint the reward model starts from (an SFT model: `python -m llm sft`); its trunk is "
                         "copied and a scalar head added; its tokenizer and chat format are used")
-    g.add_argument("--data", nargs="+", required=True, metavar="JSONL",
+    g.add_argument("--data", nargs="+", default=None, metavar="JSONL",
                    help="preference records, one JSON object per line: {'prompt', 'chosen', 'rejected', 'margin'?} "
                         "or {'prompt', 'responses': [best, ..., worst]} or with 'scores' (higher is better)")
+    g.add_argument("--dataset", default=None, choices=["ni_pairs", "hhh_alignment", "truthful_qa"],
+                   help="real preference pairs instead of --data, fetched once into the cache (llm.post.data): "
+                        "ni_pairs (correct vs wrong answers of Natural Instructions), hhh_alignment, truthful_qa")
+    g.add_argument("--subtasks", default=None, metavar="GLOBS",
+                   help="with --dataset ni_pairs: the tasks to keep, comma-separated glob patterns")
     g.add_argument("--val-data", nargs="+", default=None, metavar="JSONL",
-                   help="held-out preference records (default: --val-fraction of --data)")
+                   help="held-out preference records (default: --val-fraction of the training records)")
+    g.add_argument("--val-dataset", default=None, choices=["ni_pairs", "hhh_alignment", "truthful_qa"],
+                   help="a named held-out preference data set, e.g. hhh_alignment")
     g.add_argument("--val-fraction", type=unit_float, default=0.1, metavar="X",
                    help="share of --data held out when --val-data is not given (default 0.1)")
     g.add_argument("--norm-data", default=None, metavar="JSONL",

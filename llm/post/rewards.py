@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,16 +242,5 @@ class ModelReward:
         return self.score_ids([list(p) + list(r) for p, r in zip(completions.prompt_ids, completions.response_ids)])
 
 
-def reward_name(reward) -> str:
-    """A short name of a reward for logs."""
-    return getattr(reward, "name", type(reward).__name__)
-
-
-def nan_safe_mean(x) -> float:
-    """The mean of a non-empty array, NaN for an empty one."""
-    x = np.asarray(x, dtype=np.float64)
-    return float(x.mean()) if x.size else math.nan
-
-
 __all__ = ["RewardError", "Completions", "check_scores", "CallableReward", "arithmetic_reward", "gsm8k_reward",
-           "unit_test_reward", "code_of", "BUILTIN", "load_reward", "ModelReward", "reward_name", "nan_safe_mean"]
+           "unit_test_reward", "code_of", "BUILTIN", "load_reward", "ModelReward"]
