@@ -86,7 +86,8 @@ from . import rollout as ro
 from .advantages import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, gae, kl_penalized_rewards
 from .advantages import masked_whiten
 from .ppo_loss import entropy, policy_loss, token_logprobs, value_loss
-from .rewards import Completions, ModelReward, RewardError, load_reward
+from .prompts import completions, read_prompt_records, render_prompts, score_responses
+from .rewards import ModelReward, RewardError, load_reward
 from .reward_model import RewardModel
 
 # ---------------------------------------------------------------------------
@@ -133,53 +134,6 @@ class PolicyAndValue(nn.Module):
         logits, _ = self.policy(ids, position_ids=position_ids, attention_mask=attention_mask)
         values, _ = self.value(ids, position_ids=position_ids, attention_mask=attention_mask)
         return PolicyValueOutput(logits, values)
-
-
-# ---------------------------------------------------------------------------
-# prompts
-# ---------------------------------------------------------------------------
-
-
-def read_prompt_records(path) -> list:
-    """Prompt records from a JSONL file: objects with a ``prompt`` (text or chat messages) and any other fields."""
-    from .data import DataError, read_jsonl
-    from .rankings import record_prompt
-
-    try:
-        records = read_jsonl(path)
-        for where, rec in records:
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: a prompt record is a JSON object with a \"prompt\" field")
-            record_prompt(rec, where)
-    except DataError as e:
-        raise SetupError(f"--prompts: {e}") from None
-    return [rec for _, rec in records]
-
-
-@dataclasses.dataclass
-class PromptSet:
-    """Prompt records and their rendered ids (chat format, generation prompt, cut from the left to fit)."""
-
-    records: list
-    ids: list
-    truncated: int
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-
-def render_prompts(records: list, tokenizer, max_tokens: int, template: str = "chat") -> PromptSet:
-    """Render each record's prompt as a generation prompt (``chat.render(..., add_generation_prompt=True)``)."""
-    from . import chat
-    from .rankings import record_prompt
-
-    ids, cut = [], 0
-    for rec in records:
-        r = chat.render(tokenizer, record_prompt(rec), template, add_generation_prompt=True).ids
-        if len(r) > max_tokens:
-            r, cut = r[len(r) - max_tokens:], cut + 1
-        ids.append(r)
-    return PromptSet(records, ids, cut)
 
 
 # ---------------------------------------------------------------------------
@@ -447,7 +401,7 @@ class PPOJob(Job):
         batch = ro.pack([prompts.ids[i] for i in idx], resp, self.P, self.pad)
         logp = ro.response_logprobs(policy, batch, self.args.temperature)
         ref = ro.response_logprobs(self.ref, batch, self.args.temperature)
-        comp = self._completions(prompts, idx, resp)
+        comp = completions(self.tokenizer, prompts, idx, resp, self.args.template)
         try:
             scores, error = self.reward(comp), None
         except RewardError as e:
@@ -455,15 +409,6 @@ class PPOJob(Job):
         self.timing.add("score", time.perf_counter() - t1)
         return {"input_ids": batch.ids, "real": batch.real, "response": batch.response, "mask": batch.mask,
                 "ended": resp.ended, "old_logprobs": logp, "ref_logprobs": ref, "scores": scores}, error
-
-    def _completions(self, prompts, idx, resp):
-        from .chat import parse_reply
-
-        response_ids = [resp.tokens[b][resp.mask[b]].tolist() for b in range(len(idx))]
-        texts = [parse_reply(self.tokenizer, r, self.args.template).text for r in response_ids]
-        recs = [prompts.records[i] for i in idx]
-        return Completions([r["prompt"] for r in recs], texts, recs, [prompts.ids[i] for i in idx], response_ids,
-                           resp.ended)
 
     def _gather(self, parts: list, errors: list) -> dict:
         """Join this rank's chunks, gather every rank's (in global row order), and agree on a reward error."""
@@ -548,45 +493,11 @@ class PPOJob(Job):
 
     # -- evaluation ----------------------------------------------------------------------------------
     def _heldout(self, policy, sampled: bool) -> dict:
-        """Held-out prompts (this rank's share, gathered): scores of greedy or sampled responses and, sampled, KL."""
-        n = len(self.heldout)
-        world = self.comm.size if self.comm is not None else 1
-        rank = self.comm.rank if self.comm is not None else 0
-        mine = np.array_split(np.arange(n), world)[rank]
-        scores, kls, errors = [], [], []
-        G = self.args.gen_batch
-        for c in range(0, len(mine), G):
-            idx = mine[c:c + G]
-            gen = self._generator(1_000_003, int(idx[0]), int(sampled))
-            prompts = [self.heldout.ids[i] for i in idx]
-            if sampled:
-                resp = ro.sample_responses(policy, prompts, self.R, self.args.temperature, self.eos, self.pad, gen)
-            else:
-                from ..generate import generate
-
-                resp = ro.truncate_after_eos(generate(policy, [list(p) for p in prompts], self.R, greedy=True,
-                                                      eos_id=self.eos), self.eos, self.pad, self.R)
-            try:
-                scores.append(self.reward(self._completions(self.heldout, idx, resp)))
-            except RewardError as e:
-                errors.append(str(e))
-                scores.append(np.zeros(len(idx)))
-            if sampled:
-                batch = ro.pack(prompts, resp, self.P, self.pad)
-                logp = ro.response_logprobs(policy, batch, self.args.temperature)
-                ref = ro.response_logprobs(self.ref, batch, self.args.temperature)
-                kls.append(((logp - ref) * batch.mask).sum(axis=1))
-        local = (float(np.sum(np.concatenate(scores))) if scores else 0.0,
-                 float(np.sum(np.concatenate(kls))) if kls else 0.0, errors)
-        if self.comm is not None and self.comm.size > 1:
-            gathered = self.comm.allgather(local)
-            local = (sum(g[0] for g in gathered), sum(g[1] for g in gathered), [e for g in gathered for e in g[2]])
-        if local[2]:
-            raise RewardError(local[2][0])
-        out = {"score": local[0] / n}
-        if sampled:
-            out["kl"] = local[1] / n
-        return out
+        """Scores of greedy or (with the KL to the reference) sampled responses to the held-out prompts."""
+        a = self.args
+        return score_responses(policy, self.heldout, self.reward, self.tokenizer, length=self.R, sampled=sampled,
+                               temperature=a.temperature, ref=self.ref if sampled else None, template=a.template,
+                               gen_batch=a.gen_batch, seed=a.seed, comm=self.comm)
 
     def evaluate(self, trainer, step):
         t0 = time.perf_counter()
@@ -778,8 +689,8 @@ def main(argv=None, comm=None, reward=None) -> int:
     return run_job("ppo", args, lambda a, c, log: PPOJob(a, c, log, reward=reward), argv, comm=comm)
 
 
-__all__ = ["PPOJob", "PolicyAndValue", "PolicyValueOutput", "RolloutSampler", "PromptSet", "render_prompts",
-           "read_prompt_records", "encode_arrays", "decode_arrays", "build_parser", "main"]
+__all__ = ["PPOJob", "PolicyAndValue", "PolicyValueOutput", "RolloutSampler", "encode_arrays", "decode_arrays",
+           "build_parser", "main"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
