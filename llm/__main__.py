@@ -15,6 +15,8 @@ COMMANDS = {
     "generate": ("llm.generate", "continue a prompt with a trained checkpoint (greedy, temperature, top-k, top-p)"),
     "size": ("llm.sizing", "parameter count, training FLOPs per token and compute-optimal tokens of a model preset"),
     "tokenizer": ("llm.tokenizer.cli", "train a byte-level BPE tokenizer, or encode / decode with one"),
+    "sft": ("llm.post.sft", "supervised fine-tuning on conversations or instructions (full or LoRA), loss on answers"),
+    "dpo": ("llm.post.dpo", "direct preference optimisation on (prompt, chosen, rejected) pairs (sigmoid, IPO, hinge)"),
     "eval": ("llm.eval.cli", "score a checkpoint on benchmarks (MMLU, ARC, GSM8K, HumanEval...) as lm-eval does"),
     "reward": ("llm.post.reward", "train a reward model on preference pairs / rankings from an SFT checkpoint"),
     "ppo": ("llm.post.ppo", "RLHF: PPO on a policy with a reward model or a programmatic reward (TRL's semantics)"),

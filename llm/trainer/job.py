@@ -78,6 +78,11 @@ class Job:
         return flops_per_token(config)
 
     # -- around the loop -------------------------------------------------------------------
+    def train_metrics(self, trainer) -> dict:
+        """Metrics of the training steps since the last metrics line, added to it (e.g. DPO's rewards, gathered
+        by the loss); a collective call at every logged step. Default: none."""
+        return {}
+
     def evaluate(self, trainer, step: int) -> dict:
         """Metrics at an evaluation (e.g. ``{"val_loss": trainer.eval_loss(batches)}``); a collective call."""
         return {}

@@ -79,6 +79,10 @@ def stage_layout(config: GPTConfig, n_stages: int, counts=None) -> list[range]:
 # ---------------------------------------------------------------------------
 
 
+class NoTargetsError(ValueError):
+    """A step's global batch has no term to average the loss over (``job.count`` is 0 everywhere)."""
+
+
 @dataclass
 class StepResult:
     """One optimizer step: the mean loss over the global batch, the gradient norm (None when skipped), whether a
@@ -161,6 +165,10 @@ class Layout:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             result = self.pipe.step(split_rows(batch, n_micro), job.loss, job.inputs, job.count, loss_scale=scale,
                                     kwargs_fn=job.model_kwargs)
+            if result.n_tokens == 0:  # nothing to average over (every label masked): the same on every rank
+                mp.zero_grad()
+                raise NoTargetsError("the step's batch has nothing to learn: every label is masked (count 0 over all "
+                                     "micro-batches and replicas)")
             if not math.isfinite(result.loss) and not mp.scaler.enabled:  # the same global loss on every rank
                 mp.zero_grad()
                 raise nn.amp.NonFiniteError(f"loss is {result.loss}")
@@ -230,9 +238,10 @@ class Layout:
         optimizer.load_state_dict(cut)
         self.mp.scaler.load_state_dict(scaler_state)
 
-    def full_model(self):
+    def full_model(self, build=None):
         """The whole model, float32, on world rank 0 (None elsewhere), to sample from: this rank's model in one
-        float32 process; rebuilt from every stage's float32 weights otherwise (a collective call)."""
+        float32 process; rebuilt from every stage's float32 weights otherwise (a collective call), into
+        ``build()`` (a model of the trained one's structure, e.g. ``job.build_model``; default a plain GPT)."""
         if self.comm.size == 1 and not self.mp.copies:
             return self.model
         tensors = dict(self.model.state_dict())
@@ -244,9 +253,9 @@ class Layout:
             return None
         from ..model import GPT
 
-        model = GPT(self.config)
+        model = build() if build is not None else GPT(self.config)
         model.load_state_dict(state)
         return model.to(self.model.device)
 
 
-__all__ = ["Layout", "StepResult", "stage_layout", "block_parameters"]
+__all__ = ["Layout", "StepResult", "NoTargetsError", "stage_layout", "block_parameters"]

@@ -41,7 +41,7 @@ from parallel.pipeline_exec import batch_rows
 from .checkpoint import (CheckpointWriteError, ResumeError, TrainingCheckpoint, remove_stale_temporaries,
                          save_training_checkpoint, seed_dropout_for_step)
 from .config import BOOKKEEPING_FLAGS, TrainerConfig
-from .layout import Layout
+from .layout import Layout, NoTargetsError
 from .metrics import MetricsWriter, Progress, matmul_size_for, measure_matmul_flops, mfu
 from .ranks import agree_on_stop
 from .signals import GracefulStop
@@ -131,7 +131,7 @@ class Trainer:
 
     def full_model(self):
         """The whole float32 model on rank 0 (None elsewhere), e.g. to sample from; a collective call."""
-        return self.layout.full_model()
+        return self.layout.full_model(self.job.build_model)
 
     # -- the run ----------------------------------------------------------------------------------
     def _resume_checkpoint(self):
@@ -282,6 +282,9 @@ class Trainer:
                     step_tokens = int(np.prod(job.inputs(batch).shape)) * cfg.dp
                     try:
                         result = lay.step(job, opt, batch, cfg.micro_batches, cfg.grad_clip)
+                    except NoTargetsError as e:
+                        raise SetupError(f"{e} at step {step + 1}: the data gives a batch without targets; check "
+                                         "the job's labels (-100 marks the positions without a loss)") from None
                     except nn.amp.NonFiniteError as e:
                         hint = "lower --lr" + ("" if cfg.grad_clip else " or enable --grad-clip")
                         raise TrainingDiverged(f"{e} at step {step + 1}; the last good checkpoint is "
@@ -309,6 +312,7 @@ class Trainer:
                                   "skipped": result.skipped, "skipped_total": skipped_total, "tokens": tokens}
                         if lay.mp.scaler.enabled:
                             record["loss_scale"] = result.loss_scale
+                        record.update(job.train_metrics(self))  # collective: every rank logs at the same steps
                         progress.show(step, result.loss, tps, record["mfu"])
                         if evaluating:
                             found = job.evaluate(self, step)
