@@ -400,15 +400,17 @@ def test_toy_task_reward_rises_from_chance_while_the_kl_stays_bounded(toy, tmp_p
     code = main(ppo_argv(toy, out, "--rollout-batch", "32", "--gen-batch", "16", "--batch-size", "16",
                          "--lr", "2e-2", "--eval-interval", "4", steps=100), reward=vowel())
     assert code == 0, capsys.readouterr().err
-    evals = [m for m in read_metrics(out / "metrics.jsonl") if "score" in m]
-    first, last = evals[0], evals[-1]
-    assert first["score"] <= 0.3  # the first iteration's rollouts: chance
-    assert np.mean([m["score"] for m in evals[-3:]]) >= 0.6, [m["score"] for m in evals]
-    assert max(m["kl"] for m in evals) < 12.0 and last["heldout_kl"] < 12.0  # nats per 4-token response
-    for key in ("score", "kl", "rlhf_reward", "non_score_reward", "approx_kl", "clipfrac", "vf_clipfrac",
-                "value_error", "entropy", "ratio", "eos_fraction", "generate_share", "heldout_score",
-                "ref_heldout_score", "heldout_kl", "kl_coef"):
-        assert key in last, key
+    records = read_metrics(out / "metrics.jsonl")
+    rollouts = [m for m in records if "score" in m]  # the lines after a new rollout batch: one per iteration
+    assert len(rollouts) == 25
+    assert rollouts[0]["score"] <= 0.3  # the first iteration's rollouts: chance
+    assert np.mean([m["score"] for m in rollouts[-3:]]) >= 0.6, [m["score"] for m in rollouts]
+    assert max(m["kl"] for m in rollouts) < 12.0 and records[-1]["heldout_kl"] < 12.0  # nats per 4-token response
+    for key in ("score", "kl", "rlhf_reward", "non_score_reward", "kl_coef", "eos_fraction", "response_length",
+                "approx_kl", "clipfrac", "vf_clipfrac", "value_error", "entropy", "ratio", "generate_share"):
+        assert key in rollouts[-1], key
+    for key in ("heldout_score", "heldout_score_sampled", "ref_heldout_score", "heldout_kl", "heldout_ended"):
+        assert key in records[-1], key
     printed = capsys.readouterr().out
     assert "generation took" in printed and "held-out reward" in printed
     from llm.checkpoint import load_model
@@ -438,6 +440,7 @@ def test_missing_eos_penalty_lowers_the_score_of_responses_that_never_end(toy, t
     job.build_model()
     job.train_sampler(0, 1).next_batch()
     s = job.rollout_stats.values
+    assert s["responses"] == 16
     # a random policy almost never writes the end token within 4 tokens: nearly every response is penalised
     assert s["eos"] < s["responses"]
     assert s["score"] == pytest.approx(-2.5 * (s["responses"] - s["eos"]))

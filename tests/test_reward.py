@@ -11,7 +11,7 @@ import autograd
 from autograd import Tensor
 from llm.model import GPT, get_preset
 from llm.post.data import DataError
-from llm.post.rankings import RowSampler, encode_rankings, ranking_from_record, read_rankings
+from llm.post.rankings import encode_rankings, ranking_from_record, read_rankings
 from llm.post.reward_model import (RewardModel, RewardNormalization, RewardStats, bradley_terry_loss,
                                    sequence_scores)
 from rlhf_fixtures import TEXT, chat_checkpoint, preference_file, read_metrics
@@ -147,21 +147,6 @@ def test_read_rankings_names_the_file_and_line(tmp_path):
         read_rankings(tmp_path / "nope.jsonl")
 
 
-def test_row_sampler_shares_a_global_batch_between_replicas_and_resumes():
-    rows = lambda idx: {"i": idx}  # noqa: E731
-    one = RowSampler(10, rows, 4, seed=3)
-    two = [RowSampler(10, rows, 4, seed=3, rank=r, world=2) for r in range(2)]
-    for _ in range(5):
-        whole = one.next_batch()["i"]
-        parts = np.concatenate([s.next_batch()["i"] for s in two])
-        assert sorted(whole.tolist()) == sorted(parts.tolist())
-    state = one.state_dict()
-    nxt = one.next_batch()["i"]
-    again = RowSampler(10, rows, 4, seed=3)
-    again.load_state_dict(state)
-    np.testing.assert_array_equal(again.next_batch()["i"], nxt)
-
-
 # ---------------------------------------------------------------------------
 # statistics and normalisation
 # ---------------------------------------------------------------------------
@@ -200,11 +185,14 @@ def test_reward_job_learns_held_out_preferences_and_stores_its_normalization(sft
                  "--max-steps", "40", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "4",
                  "--eval-interval", "20", "--no-progress", "--center-coef", "0.01"])
     assert code == 0, capsys.readouterr().err
-    lines = [m for m in read_metrics(out / "metrics.jsonl") if "val_accuracy" in m]
+    records = read_metrics(out / "metrics.jsonl")
+    lines = [m for m in records if "val_accuracy" in m]
     last = lines[-1]
-    for key in ("loss", "val_loss", "train_accuracy", "train_margin", "val_accuracy", "val_margin", "val_reward_mean",
-                "val_reward_min", "val_reward_max", "norm_gain", "norm_bias"):
+    for key in ("loss", "val_loss", "train_accuracy", "train_margin", "train_reward_mean", "train_reward_max",
+                "val_accuracy", "val_margin", "val_reward_mean", "val_reward_min", "val_reward_max", "norm_gain",
+                "norm_bias"):
         assert key in last, key
+    assert all("train_accuracy" in m for m in records)  # every metrics line: the pairs since the previous one
     assert last["val_accuracy"] >= 0.9 and last["val_margin"] > 1.0 and last["val_loss"] < 0.1 * math.log(2)
     assert abs(last["val_reward_mean"]) < 0.5  # the centring term keeps the rewards near 0
     assert "held-out pairs: accuracy" in capsys.readouterr().out

@@ -51,16 +51,19 @@ Where this differs from TRL and why:
   reward model's); dropout is switched off in every model (PPO's ratios assume
   a deterministic policy; TRL recommends the same).
 
-Logged at each evaluation (``metrics.jsonl``), over the iterations since the
-last one: ``score`` (the reward), ``kl`` (summed per response, mean over
-responses), ``non_score_reward``, ``rlhf_reward`` (score + non-score),
-``kl_coef``, ``eos_fraction``, ``response_length``; over the minibatches:
-``approx_kl``, ``clipfrac`` (policy), ``vf_clipfrac``, ``value_error`` (mean
-squared), ``entropy``, ``ratio``; ``generate_share`` (the share of each
-iteration's wall time spent sampling); and on the held-out prompts:
-``heldout_score`` (greedy responses), ``heldout_score_sampled`` and
-``heldout_kl`` (responses sampled at the temperature), with the reference's
-greedy ``ref_heldout_score`` beside them. The trained policy is written as a
+Logged (``metrics.jsonl``) on every metrics line, over the rollouts generated
+since the previous line: ``score`` (the reward), ``kl`` (summed per response,
+mean over responses), ``non_score_reward``, ``rlhf_reward`` (score +
+non-score), ``kl_coef``, ``eos_fraction``, ``response_length``,
+``entropy_sampled``; over the minibatches since then: ``approx_kl``,
+``clipfrac`` (policy), ``vf_clipfrac``, ``value_error`` (mean squared),
+``entropy`` (per token), ``ratio``; over the iterations completed since then:
+``generate_share`` and ``score_share`` (the shares of an iteration's wall time
+spent sampling, and scoring with the models and the reward) and
+``iteration_s``. At each evaluation, on the held-out prompts:
+``heldout_score`` (greedy responses), ``heldout_ended``,
+``heldout_score_sampled`` and ``heldout_kl`` (responses sampled at the
+temperature), with the reference's greedy ``ref_heldout_score`` beside them. The trained policy is written as a
 plain model checkpoint ``OUT_DIR/policy.safetensors`` at every evaluation
 (``python -m llm eval`` / ``generate`` read it).
 """
@@ -237,15 +240,16 @@ class _IterationClock:
     def __init__(self):
         self.open = None
         self.closed = {"iterations": 0, "wall": 0.0, "generate": 0.0, "score": 0.0}
+        self.total = dict(self.closed)  # the whole run's, for the summary
 
     def start_iteration(self):
         now = time.perf_counter()
         if self.open is not None:
-            c = self.closed
-            c["iterations"] += 1
-            c["wall"] += now - self.open["start"] - self.open["pause"]
-            c["generate"] += self.open["generate"]
-            c["score"] += self.open["score"]
+            for c in (self.closed, self.total):
+                c["iterations"] += 1
+                c["wall"] += now - self.open["start"] - self.open["pause"]
+                c["generate"] += self.open["generate"]
+                c["score"] += self.open["score"]
         self.open = {"start": now, "generate": 0.0, "score": 0.0, "pause": 0.0}
 
     def add(self, what: str, seconds: float):
@@ -499,9 +503,9 @@ class PPOJob(Job):
                                temperature=a.temperature, ref=self.ref if sampled else None, template=a.template,
                                gen_batch=a.gen_batch, seed=a.seed, comm=self.comm)
 
-    def evaluate(self, trainer, step):
-        t0 = time.perf_counter()
-        comm = trainer.comm
+    def train_metrics(self, trainer) -> dict:
+        """The rollouts since the last metrics line (when a new one was generated) and the minibatches' statistics
+        (a collective call at every logged step)."""
         out = {}
         r = self.rollout_stats.values  # identical on every rank (computed after the all-gather)
         if r.get("iterations"):
@@ -509,20 +513,24 @@ class PPOJob(Job):
             out.update(score=r["score"] / n, kl=r["kl"] / n, non_score_reward=r["non_score"] / n,
                        rlhf_reward=r["rlhf"] / n, kl_coef=r["kl_coef"] / its, eos_fraction=r["eos"] / n,
                        response_length=r["length"] / n, entropy_sampled=-r["logprob"] / n)
-        s = self.loss_stats.merged(comm, _LOSS_KEYS)
+        s = self.loss_stats.merged(trainer.comm, _LOSS_KEYS)
         if s["tokens"]:
             t = s["tokens"]
             out.update(clipfrac=s["pg_clipped"] / t, ratio=s["ratio"] / t, approx_kl=s["approx_kl"] / t,
                        vf_clipfrac=s["vf_clipped"] / t, value_error=s["sq_error"] / t, entropy=s["entropy"] / t)
         out.update(self.timing.take())
         self.rollout_stats, self.loss_stats = _Sums(), _Sums()
+        return out
+
+    def evaluate(self, trainer, step):
+        t0 = time.perf_counter()
         policy = self.model.policy
         greedy = self._heldout(policy, sampled=False)
         sampled = self._heldout(policy, sampled=True)
         if self.ref_heldout is None:
             self.ref_heldout = self._heldout(self.ref, sampled=False)["score"]
-        out.update(heldout_score=greedy["score"], heldout_score_sampled=sampled["score"], heldout_kl=sampled["kl"],
-                   ref_heldout_score=self.ref_heldout)
+        out = {"heldout_score": greedy["score"], "heldout_score_sampled": sampled["score"],
+               "heldout_kl": sampled["kl"], "heldout_ended": greedy["ended"], "ref_heldout_score": self.ref_heldout}
         self.timing.add("pause", time.perf_counter() - t0)
         return out
 
@@ -554,8 +562,11 @@ class PPOJob(Job):
         line = (f"held-out reward {metrics['heldout_score']:.4f} (greedy; the reference/SFT model: "
                 f"{metrics['ref_heldout_score']:.4f}), KL to the reference {metrics['heldout_kl']:.4f} nats per "
                 f"response (sampled at T={self.args.temperature})")
-        if "generate_share" in metrics:
-            line += f"; generation took {100 * metrics['generate_share']:.0f}% of each PPO iteration"
+        t = self.timing.total
+        if t["iterations"]:
+            line += (f"; generation took {100 * t['generate'] / t['wall']:.0f}% of a PPO iteration's "
+                     f"{t['wall'] / t['iterations']:.2f} s (scoring {100 * t['score'] / t['wall']:.0f}%, the rest "
+                     "the updates)")
         return line
 
 

@@ -19,6 +19,7 @@ Arrays (``PreferenceArrays``): ``input_ids`` (N, K, T) right-padded with
 ``pad_id``; ``keep`` (N, K, T) True on real tokens; ``better`` (N, K, K)
 ``better[n, i, j]`` = response i preferred to response j; ``margin`` (N, K,
 K). K and T are the largest of the data set, so every batch has one shape.
+The trainer's batches are drawn by SFT's ``llm.post.packing.RowSampler``.
 """
 
 from __future__ import annotations
@@ -126,10 +127,14 @@ class PreferenceArrays:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def as_rows(self) -> dict:
+        """The data set as a dict of arrays with one row per ranking (what ``llm.post.packing.RowSampler`` draws
+        batches from)."""
+        return {"input_ids": self.input_ids, "keep": self.keep, "better": self.better, "margin": self.margin}
+
     def rows(self, index) -> dict:
         """The batch of elements ``index`` (an array of row numbers): a dict of arrays."""
-        return {"input_ids": self.input_ids[index], "keep": self.keep[index], "better": self.better[index],
-                "margin": self.margin[index]}
+        return {k: v[index] for k, v in self.as_rows().items()}
 
     @property
     def pairs(self) -> int:
@@ -173,44 +178,5 @@ def encode_rankings(rankings: list, encode, pad_id: int, max_len: int | None = N
     return PreferenceArrays(ids, keep, better, margin, truncated)
 
 
-class RowSampler:
-    """Batches of rows of a data set, reshuffled every epoch: ``batch_size`` rows per call, over all replicas.
-
-    Epoch e visits the rows in the order ``permutation(seed, e)``; global
-    batch k is the next ``batch_size`` of them and data-parallel replica
-    ``rank`` of ``world`` takes its consecutive share, so the rows of a step
-    are the same whatever ``world`` is. ``rows_of(index)`` turns row numbers
-    into a batch (e.g. ``PreferenceArrays.rows``). The state is ``(epoch,
-    position)``.
-    """
-
-    def __init__(self, n_rows: int, rows_of, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        if n_rows < batch_size:
-            raise ValueError(f"the data set has {n_rows} rows, fewer than a batch of {batch_size}; lower "
-                             "--batch-size or add data")
-        if batch_size % world:
-            raise ValueError(f"a batch of {batch_size} rows cannot be split over {world} replicas")
-        self.n_rows, self.rows_of, self.batch_size = int(n_rows), rows_of, int(batch_size)
-        self.seed, self.rank, self.world = int(seed), int(rank), int(world)
-        self.epoch, self.position = 0, 0
-
-    def _order(self):
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n_rows)
-
-    def next_batch(self) -> dict:
-        if self.position + self.batch_size > self.n_rows:  # the rest of an epoch that no longer fills a batch
-            self.epoch, self.position = self.epoch + 1, 0
-        batch = self._order()[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        share = self.batch_size // self.world
-        return self.rows_of(np.sort(batch[self.rank * share:(self.rank + 1) * share]))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict):
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
 __all__ = ["Ranking", "record_prompt", "ranking_from_record", "read_rankings", "PreferenceArrays",
-           "encode_rankings", "RowSampler"]
+           "encode_rankings"]

@@ -12,10 +12,10 @@ the data are pairs and K-way rankings rendered in the chat format
 ``--resume`` (bitwise), mixed precision and the exit codes are those of every
 training command (``python -m llm train --help``).
 
-Logged at each evaluation: the loss, and for the training pairs seen since
-the last evaluation (``train_``) and the held-out pairs (``val_``) the
-accuracy (share of pairs ranked right), the mean margin ``r_chosen -
-r_rejected`` and the mean, std, min and max reward. The normalisation (gain and
+Logged on every metrics line for the training pairs since the previous line
+(``train_``), and at each evaluation for the held-out pairs (``val_``, with
+``val_loss``): the accuracy (share of pairs ranked right), the mean margin
+``r_chosen - r_rejected`` and the mean, std, min and max reward. The normalisation (gain and
 bias to mean 0 and std 1 on reference samples: ``--norm-data``, else the
 held-out responses) is measured at every evaluation and stored in the
 checkpoint (``metadata["reward_model"]["normalization"]``, with the step it was
@@ -33,7 +33,8 @@ from ..trainer import Job, SetupError, add_trainer_flags
 from ..trainer.config import nonneg_float, positive_int, threads_note, unit_float
 from .chat import ChatFormatError
 from .data import DataError, read_jsonl
-from .rankings import Ranking, RowSampler, encode_rankings, read_rankings, record_prompt
+from .packing import RowSampler
+from .rankings import Ranking, encode_rankings, read_rankings, record_prompt
 from .reward_model import (METADATA_KEY, RewardModel, RewardNormalization, RewardStats, bradley_terry_loss,
                            sequence_scores)
 
@@ -138,7 +139,7 @@ class RewardJob(Job):
         return RewardModel.from_policy(self.policy, generator=np.random.default_rng(self.args.seed))
 
     def train_sampler(self, rank, world):
-        return RowSampler(len(self.train), self.train.rows, self.args.batch_size, self.args.seed, rank, world)
+        return RowSampler(self.train.as_rows(), self.args.batch_size, self.args.seed, rank, world)
 
     def inputs(self, batch):
         N, K, T = batch["input_ids"].shape
@@ -172,13 +173,17 @@ class RewardJob(Job):
         self.stats = RewardStats()
         return loss, stats
 
+    def train_metrics(self, trainer) -> dict:
+        """Accuracy, margin and rewards of the training pairs since the last metrics line (``train_`` keys)."""
+        seen, self.stats = self.stats.merged(trainer.comm), RewardStats()
+        return seen.summary("train_")
+
     def evaluate(self, trainer, step):
-        seen = self.stats.merged(trainer.comm)
         val_loss, val = self._measure(trainer, self.val)
         ref = val if self.norm_ref is None else self._measure(trainer, self.norm_ref)[1]
         self.normalization = RewardNormalization.from_stats(ref, step)
-        return {"val_loss": val_loss, **seen.summary("train_"), **val.summary("val_"),
-                "norm_gain": self.normalization.gain, "norm_bias": self.normalization.bias}
+        return {"val_loss": val_loss, **val.summary("val_"), "norm_gain": self.normalization.gain,
+                "norm_bias": self.normalization.bias}
 
     def checkpoint_metadata(self):
         from ..checkpoint import tokenizer_to_json

@@ -33,7 +33,6 @@ import math
 
 import numpy as np
 
-import autograd
 import nn
 from autograd import backend
 from autograd.tensor import Tensor
@@ -96,10 +95,12 @@ def bradley_terry_loss(rewards: Tensor, better, margin=None, center_coef: float 
     ``rewards`` (N, K): the scores of the K responses of each of N prompts;
     ``better`` (N, K, K) boolean: ``better[n, i, j]`` says response i is
     preferred to response j; ``margin`` (N, K, K) the margin wanted between
-    them (default 0). Per pair: ``-log sigmoid(r_i - r_j - margin)`` (computed
-    as the cross-entropy of the logits ``[d, 0]`` against class 0, which is
-    stable for any d) plus ``center_coef * (r_i + r_j)^2``.
+    them (default 0). Per pair: ``-log sigmoid(r_i - r_j - margin)`` (DPO's
+    ``log_sigmoid``, finite for any difference) plus ``center_coef * (r_i +
+    r_j)^2``.
     """
+    from .dpo import log_sigmoid
+
     better = np.asarray(backend.to_device(better, "cpu"), dtype=bool)
     e, i, j = np.nonzero(better)
     n = int(e.size)
@@ -110,9 +111,7 @@ def bradley_terry_loss(rewards: Tensor, better, margin=None, center_coef: float 
     if margin is not None:
         m = np.asarray(backend.to_device(margin, "cpu"))[e, i, j]
         d = d - backend.to_device(m.astype(rewards.dtype), rewards.device)
-    logits = autograd.stack([d, d * 0.0], axis=-1)  # (P, 2): sigmoid(d) = softmax([d, 0])[0]
-    target = backend.to_device(np.zeros(n, dtype=np.int64), rewards.device)
-    total = autograd.cross_entropy(logits, target, reduction="sum")
+    total = -log_sigmoid(d).sum()
     if center_coef:
         s = ri + rj
         total = total + (s * s).sum() * float(center_coef)
