@@ -356,7 +356,7 @@ def toy(tmp_path_factory):
 
 
 def ppo_argv(toy, out, *extra, steps=8):
-    return ["--init", str(toy["ckpt"]), "--prompts", str(toy["prompts"]), "--out-dir", str(out),
+    return ["--model", str(toy["ckpt"]), "--prompts", str(toy["prompts"]), "--out-dir", str(out),
             "--rollout-batch", "16", "--gen-batch", "8", "--batch-size", "8", "--ppo-epochs", "2",
             "--response-length", "4", "--lr", "1e-2", "--max-steps", str(steps), "--eval-interval", "4",
             "--log-interval", "1", "--no-progress", "--val-fraction", "0.25", "--eval-prompts", "4", *extra]
@@ -462,7 +462,7 @@ def test_ppo_bad_input_gets_one_clear_message(toy, tmp_path, capsys):
 
     foreign = chat_checkpoint(tmp_path / "foreign.safetensors", vocab=290)
     rm_out = tmp_path / "rm"
-    assert reward_main(["--init", str(foreign), "--data", str(preference_file(tmp_path / "p.jsonl", n=8)),
+    assert reward_main(["--model", str(foreign), "--data", str(preference_file(tmp_path / "p.jsonl", n=8)),
                         "--out-dir", str(rm_out), "--max-steps", "1", "--batch-size", "2", "--no-progress"]) == 0
     assert main(ppo_argv(toy, tmp_path / "c", "--reward-model", str(rm_out / "ckpt.safetensors"))) == 2
     assert "not the policy's" in capsys.readouterr().err

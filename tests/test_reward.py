@@ -181,7 +181,7 @@ def test_reward_job_learns_held_out_preferences_and_stores_its_normalization(sft
 
     prefs = preference_file(tmp_path / "prefs.jsonl")
     out = tmp_path / "rm"
-    code = main(["--init", str(sft_ckpt), "--data", str(prefs), "--val-fraction", "0.25", "--out-dir", str(out),
+    code = main(["--model", str(sft_ckpt), "--data", str(prefs), "--val-fraction", "0.25", "--out-dir", str(out),
                  "--max-steps", "40", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "4",
                  "--eval-interval", "20", "--no-progress", "--center-coef", "0.01"])
     assert code == 0, capsys.readouterr().err
@@ -206,11 +206,11 @@ def test_reward_job_bad_input_is_one_clear_message(sft_ckpt, tmp_path, capsys):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) + "\n")
-    assert main(["--init", str(sft_ckpt), "--data", str(bad), "--out-dir", str(tmp_path / "o")]) == 2
+    assert main(["--model", str(sft_ckpt), "--data", str(bad), "--out-dir", str(tmp_path / "o")]) == 2
     assert "the same answer" in capsys.readouterr().err
-    assert main(["--init", str(tmp_path / "nope.safetensors"), "--data", str(bad),
+    assert main(["--model", str(tmp_path / "nope.safetensors"), "--data", str(bad),
                  "--out-dir", str(tmp_path / "o")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "no such checkpoint" in capsys.readouterr().err
     # a model whose tokenizer lacks the chat tokens
     from llm.checkpoint import save_model
     from llm.tokenizer import Tokenizer
@@ -220,5 +220,5 @@ def test_reward_job_bad_input_is_one_clear_message(sft_ckpt, tmp_path, capsys):
     save_model(plain, GPT(get_preset("tiny", vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16, block_size=16),
                           generator=np.random.default_rng(0)), tok)
     good = preference_file(tmp_path / "good.jsonl", n=8)
-    assert main(["--init", str(plain), "--data", str(good), "--out-dir", str(tmp_path / "o")]) == 2
+    assert main(["--model", str(plain), "--data", str(good), "--out-dir", str(tmp_path / "o")]) == 2
     assert "lacks the chat token" in capsys.readouterr().err

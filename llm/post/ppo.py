@@ -1,15 +1,15 @@
 """`python -m llm ppo`: RLHF with PPO, a job of the one trainer, with TRL's semantics.
 
-    python -m llm ppo --init runs/sft/ckpt.safetensors --reward-model runs/reward/ckpt.safetensors --prompts p.jsonl
-    python -m llm ppo --init runs/sft/ckpt.safetensors --reward arithmetic --task arithmetic
-    python -m llm ppo --init ... --reward my_rewards.py:score --prompts p.jsonl --dp 2
+    python -m llm ppo --model runs/sft/ckpt.safetensors --reward-model runs/reward/ckpt.safetensors --prompts p.jsonl
+    python -m llm ppo --model runs/sft/ckpt.safetensors --reward arithmetic --task arithmetic
+    python -m llm ppo --model ... --reward my_rewards.py:score --prompts p.jsonl --dp 2
 
-The models: the policy (from ``--init``, an SFT checkpoint) and a value model
+The models: the policy (from ``--model``, an SFT checkpoint) and a value model
 are trained together (``PolicyAndValue``, one optimizer, TRL's
-``PolicyAndValueWrapper``); the reference (``--ref``, default ``--init``) is a
+``PolicyAndValueWrapper``); the reference (``--ref``, default ``--model``) is a
 frozen copy of the starting policy; the value model starts from the reward
 model (``--reward-model``, as TRL does) or, with a programmatic reward, from
-the policy's trunk with a new zero head. The reward is a reward-model
+the policy's trunk with a new zero head (``--value-model``). The reward is a reward-model
 checkpoint or any callable (``llm.post.rewards``: built-in ``arithmetic``,
 ``gsm8k``, ``unit-tests`` in the evaluator's sandbox, or ``module:function``).
 
@@ -282,8 +282,8 @@ class PPOJob(Job):
         self.args, self.comm, self.log = args, comm, log
         if args.pp != 1:
             raise SetupError(PP_ERROR)
-        self.policy, self.tokenizer = load_policy(args.init, "--init")
-        ref_path = args.ref or args.init
+        self.policy, self.tokenizer = load_policy(args.model, "--model")
+        ref_path = args.ref or args.model
         self.ref, ref_tok = load_policy(ref_path, "--ref")
         self._check_reference(ref_path, ref_tok)
         for m in (self.policy, self.ref):
@@ -291,9 +291,10 @@ class PPOJob(Job):
         try:
             tokens = chat.chat_tokens(self.tokenizer)
         except chat.ChatFormatError as e:
-            raise SetupError(f"--init: {e}") from None
+            raise SetupError(f"--model: {e}") from None
         self.eos, self.pad = tokens.eos, tokens.pad
         self.reward = reward if reward is not None else self._load_reward()
+        self.eval_reward = load_reward(args.eval_reward) if args.eval_reward else self.reward
         block = self.policy.config.block_size
         R = args.response_length
         if R >= block:
@@ -326,7 +327,7 @@ class PPOJob(Job):
         diff = [f"{k}: reference {theirs[k]!r}, policy {ours[k]!r}" for k in ours if ours[k] != theirs[k]]
         if diff:
             raise SetupError(f"--ref {ref_path} is not the policy's architecture:\n  " + "\n  ".join(diff)
-                             + "\nthe reference must be the model PPO starts from (by default --init itself)")
+                             + "\nthe reference must be the model PPO starts from (by default --model itself)")
         if tokenizer_sha256(ref_tok) != tokenizer_sha256(self.tokenizer):
             raise SetupError(f"--ref {ref_path} has another tokenizer than the policy: the KL between them would "
                              "compare different texts; use the SFT checkpoint the policy starts from")
@@ -366,13 +367,18 @@ class PPOJob(Job):
 
     def build_model(self):
         a = self.args
-        if a.reward_model is not None and a.value_init == "reward":
+        source = a.value_model or (a.reward_model if a.value_model != "policy" else None)
+        if source is not None and source != "policy":
+            from ..checkpoint import CheckpointError
             from .reward_model import load_reward_model
 
-            value = load_reward_model(a.reward_model)[0]
-            if value.config.n_embd != self.policy.config.n_embd or value.config.block_size < self.P + self.R:
-                raise SetupError("the reward model cannot be the value model (another width or a shorter context); "
-                                 "pass --value-init policy")
+            try:
+                value = load_reward_model(source)[0]
+            except (CheckpointError, OSError) as e:
+                raise SetupError(f"--value-model: {e}") from None
+            if value.config.vocab_size != self.policy.config.vocab_size or value.config.block_size < self.P + self.R:
+                raise SetupError(f"the reward model {source} cannot start the value model (another vocabulary, or a "
+                                 f"context shorter than {self.P + self.R}); pass --value-model policy")
         else:
             value = RewardModel.from_policy(self.policy, generator=np.random.default_rng(a.seed))
             value.lm_head.weight.data[...] = 0.0  # values start at 0: the baseline learns from the first returns
@@ -499,7 +505,7 @@ class PPOJob(Job):
     def _heldout(self, policy, sampled: bool) -> dict:
         """Scores of greedy or (with the KL to the reference) sampled responses to the held-out prompts."""
         a = self.args
-        return score_responses(policy, self.heldout, self.reward, self.tokenizer, length=self.R, sampled=sampled,
+        return score_responses(policy, self.heldout, self.eval_reward, self.tokenizer, length=self.R, sampled=sampled,
                                temperature=a.temperature, ref=self.ref if sampled else None, template=a.template,
                                gen_batch=a.gen_batch, seed=a.seed, comm=self.comm)
 
@@ -553,7 +559,7 @@ class PPOJob(Job):
 
         a = self.args
         return {"tokenizer": tokenizer_to_json(self.tokenizer),
-                "ppo": {"init": str(a.init), "ref": str(a.ref or a.init), "reward": a.reward,
+                "ppo": {"model": str(a.model), "ref": str(a.ref or a.model), "reward": a.reward,
                         "reward_model": a.reward_model, "prompt_width": self.P, "response_length": self.R}}
 
     def summary(self, trainer, step, metrics):
@@ -587,10 +593,10 @@ def _no_dropout(model):
 def add_ppo_flags(parser):
     """The PPO job's own flags: models, reward, prompts, rollouts and the PPO update."""
     m = parser.add_argument_group("models and reward")
-    m.add_argument("--init", required=True, metavar="CKPT",
+    m.add_argument("--model", required=True, metavar="CKPT",
                    help="the policy's starting checkpoint (an SFT model: `python -m llm sft`)")
     m.add_argument("--ref", default=None, metavar="CKPT",
-                   help="the frozen reference of the KL penalty (default --init); it must be the policy's "
+                   help="the frozen reference of the KL penalty (default --model); it must be the policy's "
                         "architecture and tokenizer")
     m.add_argument("--reward-model", default=None, metavar="CKPT",
                    help="a reward model (`python -m llm reward`); its stored normalisation is applied")
@@ -600,9 +606,12 @@ def add_ppo_flags(parser):
                         "one number per response")
     m.add_argument("--no-reward-norm", action="store_true",
                    help="use the reward model's raw scores, not its stored normalisation")
-    m.add_argument("--value-init", choices=["reward", "policy"], default="reward",
-                   help="the value model starts from the reward model (TRL; needs --reward-model) or from the "
-                        "policy's trunk with a zero head (default reward, policy without a reward model)")
+    m.add_argument("--value-model", default=None, metavar="CKPT|policy",
+                   help="the reward-model checkpoint the value model starts from, or 'policy': the policy's trunk "
+                        "with a zero head (default: --reward-model as TRL does, else the policy)")
+    m.add_argument("--eval-reward", default=None, metavar="NAME",
+                   help="the reward of the held-out evaluations when it differs from the training reward, e.g. "
+                        "'arithmetic' while training on --reward-model: the true score beside the proxy's")
     d = parser.add_argument_group("prompts")
     d.add_argument("--prompts", nargs="+", default=None, metavar="JSONL",
                    help="prompt records {'prompt': text or chat messages, ...fields the reward reads}")

@@ -1,7 +1,7 @@
 """`python -m llm reward`: train a reward model on preference pairs and rankings, from an SFT checkpoint.
 
-    python -m llm reward --init runs/sft/ckpt.safetensors --data prefs.jsonl
-    python -m llm reward --init runs/sft/ckpt.safetensors --data prefs.jsonl --val-data heldout.jsonl \\
+    python -m llm reward --model runs/sft/ckpt.safetensors --data prefs.jsonl
+    python -m llm reward --model runs/sft/ckpt.safetensors --data prefs.jsonl --val-data heldout.jsonl \\
         --center-coef 0.01 --max-steps 300 --dp 2
 
 The model (``llm.post.reward_model``) is the SFT model's trunk with a scalar
@@ -39,20 +39,16 @@ from .reward_model import (METADATA_KEY, RewardModel, RewardNormalization, Rewar
                            sequence_scores)
 
 
-def load_policy(path, what: str = "--init"):
-    """``(GPT, tokenizer)`` from a model checkpoint (``python -m llm train`` / ``sft``); SetupError otherwise."""
-    from ..checkpoint import CheckpointError, load_model
+def load_policy(path, what: str = "--model"):
+    """``(GPT, tokenizer)`` from a checkpoint (ours, a LoRA run's with the adapters merged, or a Hugging Face GPT-2
+    folder: SFT's ``llm.post.start.load_start_model``); SetupError naming ``what`` otherwise."""
+    from .start import load_start_model
 
     try:
-        model, tokenizer, _ = load_model(path)
-    except FileNotFoundError:
-        raise SetupError(f"{what}: there is no checkpoint at {path}") from None
-    except (CheckpointError, OSError) as e:
-        raise SetupError(f"{what}: {e}") from None
-    if tokenizer is None:
-        raise SetupError(f"{what}: checkpoint {path} holds no tokenizer; use one written by `python -m llm train` "
-                         "or `python -m llm sft`")
-    return model, tokenizer
+        return load_start_model(path)
+    except SetupError as e:
+        msg = str(e)
+        raise SetupError(msg.replace("--model", what, 1) if msg.startswith("--model") else f"{what}: {msg}") from None
 
 
 def chat_encoder(tokenizer, max_len: int, template: str = "chat"):
@@ -92,11 +88,11 @@ def _read_samples(path) -> list:
 
 
 class RewardJob(Job):
-    """Bradley-Terry training of a ``RewardModel`` initialised from ``args.init`` (see the module docstring).
+    """Bradley-Terry training of a ``RewardModel`` initialised from ``args.model`` (see the module docstring).
 
     ``encode(prompt, response) -> (ids, truncated)`` renders a sequence (default:
     ``chat_encoder``); ``policy``/``tokenizer`` may be given instead of loading
-    ``args.init`` (tests).
+    ``args.model`` (tests).
     """
 
     name = "reward"
@@ -104,7 +100,7 @@ class RewardJob(Job):
     def __init__(self, args, comm=None, log=print, encode=None, policy=None, tokenizer=None):
         self.args, self.comm, self.log = args, comm, log
         if policy is None:
-            policy, tokenizer = load_policy(args.init)
+            policy, tokenizer = load_policy(args.model)
         self.policy, self.tokenizer = policy, tokenizer
         block = policy.config.block_size
         self.max_len = min(args.max_length or block, block)
@@ -190,7 +186,7 @@ class RewardJob(Job):
 
         norm = self.normalization.to_json() if self.normalization is not None else None
         return {"tokenizer": tokenizer_to_json(self.tokenizer),
-                METADATA_KEY: {"head": "scalar", "normalization": norm, "init": str(self.args.init)}}
+                METADATA_KEY: {"head": "scalar", "normalization": norm, "init": str(self.args.model)}}
 
     def summary(self, trainer, step, metrics):
         if "val_accuracy" not in metrics:
@@ -215,7 +211,7 @@ def _pad_id(tokenizer) -> int:
 def add_reward_data_flags(parser):
     """The reward job's own flags (its data and loss)."""
     g = parser.add_argument_group("reward model")
-    g.add_argument("--init", required=True, metavar="CKPT",
+    g.add_argument("--model", required=True, metavar="CKPT",
                    help="the checkpoint the reward model starts from (an SFT model: `python -m llm sft`); its trunk is "
                         "copied and a scalar head added; its tokenizer and chat format are used")
     g.add_argument("--data", nargs="+", default=None, metavar="JSONL",

@@ -224,7 +224,7 @@ def load_reward_model(path, device: str = "cpu"):
     """``(RewardModel, tokenizer, normalization or None, metadata)`` from a ``python -m llm reward`` checkpoint.
 
     Raises ``CheckpointError`` naming the file when it is not a reward model
-    (e.g. an SFT checkpoint: train one with ``python -m llm reward --init``).
+    (e.g. an SFT checkpoint: train one with ``python -m llm reward --model``).
     """
     where = f"reward model {path}"
     tensors, metadata = load_checkpoint(path)
@@ -232,7 +232,7 @@ def load_reward_model(path, device: str = "cpu"):
     if not isinstance(info, dict) or info.get("head") != "scalar":
         raise CheckpointError(f"{where} is not a reward model (its metadata has no {METADATA_KEY!r} entry; it was "
                               f"written by the {metadata.get('job', 'an unknown')!r} job); train one with "
-                              "`python -m llm reward --init SFT_CHECKPOINT`")
+                              "`python -m llm reward --model SFT_CHECKPOINT`")
     config = config_from_metadata(metadata, where)
     model = RewardModel(config)
     try:

@@ -203,7 +203,7 @@ class ModelReward:
             theirs = "no tokenizer" if rm_tok is None else f"a tokenizer of {rm_tok.n_vocab} tokens"
             raise RewardError(f"--reward-model {path} has {theirs}, not the policy's ({tokenizer.n_vocab} tokens, "
                               "sha differs): the same ids would mean other text to it; train the reward model from the "
-                              "policy's SFT checkpoint (`python -m llm reward --init SFT_CKPT`)")
+                              "policy's SFT checkpoint (`python -m llm reward --model SFT_CKPT`)")
         if norm is not None and normalize:
             at = "" if norm.step is None else f" (measured at step {norm.step})"
             if norm.step is not None and norm.step != meta.get("step"):

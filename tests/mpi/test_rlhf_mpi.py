@@ -55,14 +55,14 @@ def close(a, b):
 
 
 def reward_argv(folder, out, steps, *extra):
-    return ["--init", os.path.join(folder, "sft.safetensors"), "--data", os.path.join(folder, "prefs.jsonl"),
+    return ["--model", os.path.join(folder, "sft.safetensors"), "--data", os.path.join(folder, "prefs.jsonl"),
             "--out-dir", os.path.join(folder, out), "--batch-size", "4", "--max-steps", str(steps),
             "--lr-decay-steps", "6", "--warmup-steps", "2", "--lr", "3e-3", "--eval-interval", "3",
             "--log-interval", "1", "--no-progress", "--center-coef", "0.01", *extra]
 
 
 def ppo_argv(folder, out, steps, *extra):
-    return ["--init", os.path.join(folder, "sft.safetensors"), "--prompts", os.path.join(folder, "prompts.jsonl"),
+    return ["--model", os.path.join(folder, "sft.safetensors"), "--prompts", os.path.join(folder, "prompts.jsonl"),
             "--reward", f"{FIXTURES}:vowel_reward", "--out-dir", os.path.join(folder, out),
             "--rollout-batch", "16", "--gen-batch", "4", "--batch-size", "8", "--ppo-epochs", "2",
             "--response-length", "4", "--lr", "1e-2", "--max-steps", str(steps), "--lr-decay-steps", "7",
