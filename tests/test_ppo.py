@@ -472,3 +472,56 @@ def test_ppo_bad_input_gets_one_clear_message(toy, tmp_path, capsys):
     assert main(ppo_argv(toy, tmp_path / "e", "--reward", "arithmetic", "--reward-model", "x")) == 2
     assert main(ppo_argv(toy, tmp_path / "f", "--pp", "2"), reward=vowel()) == 2
     assert "--pp 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# the whole roadmap: python -m llm pipeline
+# ---------------------------------------------------------------------------
+
+
+def test_pipeline_dry_run_prints_every_stage_as_a_command(tmp_path, capsys):
+    from llm.post.pipeline import main
+
+    assert main(["--out-dir", str(tmp_path / "p"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("python -m llm train --preset tiny", "python -m llm sft --model", "python -m llm reward --model",
+                "python -m llm ppo --model", "--reward arithmetic --value-model", "python -m llm dpo --model",
+                "python -m llm eval --checkpoint", "python -m llm report"):
+        assert cmd in out, cmd
+    order = [out.index(f"== {s}") for s in ("pretrain", "data", "sft", "reward", "ppo", "dpo", "eval", "report")]
+    assert order == sorted(order)
+    assert not (tmp_path / "p").exists()  # a dry run writes nothing
+    assert main(["--out-dir", str(tmp_path / "p"), "--dry-run", "--stages", "ppo,nonsense"]) == 2
+    assert "unknown stage" in capsys.readouterr().err
+    assert main(["--out-dir", str(tmp_path / "p"), "--dry-run", "--ppo-reward", "model", "--stages", "ppo"]) == 0
+    out = capsys.readouterr().out
+    assert "--reward-model" in out and "--eval-reward arithmetic" in out
+
+
+def test_arithmetic_problems_are_held_out_from_every_stage():
+    from llm.post import arithmetic
+
+    train, held = arithmetic.split()
+    assert len(train) + len(held) == (arithmetic.MAX_OPERAND + 1) ** 2 and not set(train) & set(held)
+    questions = {arithmetic.question(a, b) for a, b in held}
+    sft = {r["messages"][0]["content"] for r in arithmetic.sft_records()}
+    prefs = {r["prompt"] for r in arithmetic.preference_records()}
+    prompts, heldout = arithmetic.ppo_prompts()
+    assert not questions & sft and not questions & prefs and not questions & {r["prompt"] for r in prompts}
+    assert {r["prompt"] for r in heldout} == questions
+    for r in arithmetic.preference_records() + arithmetic.preference_records(heldout=True):
+        assert r["chosen"] != r["rejected"] and int(r["rejected"]) >= 0
+    assert all(int(r["answer"]) == sum(int(x) for x in r["prompt"][8:-1].split(" + ")) for r in heldout)
+
+
+def test_the_held_out_evaluation_is_a_file_the_report_card_reads(toy, tmp_path):
+    from llm.eval.report import build_report
+    from llm.post.pipeline import evaluate_arithmetic, heldout_table
+
+    out = tmp_path / "run" / "2-sft" / "eval-arithmetic.json"
+    got = evaluate_arithmetic(str(toy["ckpt"]), str(toy["ckpt"]), str(out))
+    (out.parent / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # the stage's training curve
+    assert got["n"] == 80 and 0 <= got["exact_match"] <= 1 and abs(got["kl_to_sft"]) < 1e-4  # the model itself
+    card = build_report([tmp_path / "run"], tmp_path, plots=False)
+    assert "arithmetic_heldout" in card and "exact_match" in card and "kl_to_sft" in card
+    assert "| sft | " in heldout_table({"sft": got})
