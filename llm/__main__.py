@@ -18,6 +18,9 @@ COMMANDS = {
     "sft": ("llm.post.sft", "supervised fine-tuning on conversations or instructions (full or LoRA), loss on answers"),
     "dpo": ("llm.post.dpo", "direct preference optimisation on (prompt, chosen, rejected) pairs (sigmoid, IPO, hinge)"),
     "eval": ("llm.eval.cli", "score a checkpoint on benchmarks (MMLU, ARC, GSM8K, HumanEval...) as lm-eval does"),
+    "reward": ("llm.post.reward", "train a reward model on preference pairs / rankings from an SFT checkpoint"),
+    "ppo": ("llm.post.ppo", "RLHF: PPO on a policy with a reward model or a programmatic reward (TRL's semantics)"),
+    "pipeline": ("llm.post.pipeline", "the whole roadmap in one run: pre-train, SFT, reward model, PPO and DPO, eval, report"),
     "report": ("llm.eval.report", "a Markdown report card of run folders: training curves and evaluations"),
 }
 

@@ -9,7 +9,12 @@
 - ``start``: the starting model (ours or a Hugging Face GPT-2 folder), chat tokens added, LoRA
   applied, and the files a run leaves (adapters alone, the merged model);
 - ``sft``: supervised fine-tuning, ``python -m llm sft``;
-- ``dpo``: direct preference optimisation, ``python -m llm dpo``.
+- ``dpo``: direct preference optimisation, ``python -m llm dpo``;
+- ``reward_model``, ``rankings``, ``reward``: the reward model (a scalar head read at the last real
+  token), Bradley-Terry over pairs and K-way rankings, ``python -m llm reward``;
+- ``rollout``, ``rewards``, ``advantages``, ``ppo_loss``, ``ppo``: PPO (RLHF) with a reward model or
+  any Python callable as the reward, ``python -m llm ppo``;
+- ``pipeline``: the whole roadmap in one run, ``python -m llm pipeline``.
 
 Each training job is a ``llm.trainer.Job``: the one trainer runs it in one process or under mpirun.
 """
