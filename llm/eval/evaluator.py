@@ -130,11 +130,21 @@ class DocumentCache:
 
         return load_docs(dataset, split, data_file=data_file, log=self.log)
 
+    def data_file(self, task: Task, split: str) -> str | None:
+        """The user's file for ``split`` of ``task``: ``TASK:SPLIT`` or ``DATASET:SPLIT``; ``TASK``: scored split."""
+        names = (task.name, task.dataset)
+        for name in names:
+            if f"{name}:{split}" in self.data_files:
+                return self.data_files[f"{name}:{split}"]
+        if split == task.eval_split:
+            for name in names:
+                if name in self.data_files:
+                    return self.data_files[name]
+        return None
+
     def get(self, task: Task, split: str) -> list[dict]:
         """Documents of ``task.dataset``'s ``split`` (a ``--data-file`` given for the task or its dataset wins)."""
-        data_file = (self.data_files.get(f"{task.name}:{split}") or self.data_files.get(f"{task.dataset}:{split}")
-                     or (split == task.eval_split and (self.data_files.get(task.name)
-                                                       or self.data_files.get(task.dataset))) or None)
+        data_file = self.data_file(task, split)
         key = (task.dataset, split, data_file)
         if key not in self._cache:
             try:
@@ -379,7 +389,8 @@ def aggregate_group(name: str, leaves: list[TaskResult]) -> TaskResult:
     return group
 
 
-def evaluate(lm, names: Sequence[str], settings: EvalSettings | None = None, log=print, loader=None) -> list[TaskResult]:
+def evaluate(lm, names: Sequence[str], settings: EvalSettings | None = None, log=print,
+             loader=None) -> list[TaskResult]:
     """Run tasks and groups by name (see ``llm.eval.tasks.known_tasks``), in order; returns one result per row.
 
     A group gives its own row followed by its members' (MMLU: ``mmlu``, then
@@ -416,5 +427,6 @@ def _group_rows(name: str, done: dict) -> list[TaskResult]:
 
 
 __all__ = ["DEFAULT_MAX_GEN_TOKS", "TaskResult", "EvalSettings", "DocumentCache", "docs_sha256", "resolve_limit",
-           "aggregate", "chance_levels", "build_requests", "run_requests", "unscorable_docs", "evaluate_task", "prepare_generation", "aggregate_group",
+           "aggregate", "chance_levels", "build_requests", "run_requests", "unscorable_docs", "evaluate_task",
+           "prepare_generation", "aggregate_group",
            "evaluate"]
