@@ -200,6 +200,9 @@ def run(n_pieces: int, work) -> None:
 
 #: fewest rows of a matrix product worth a piece of its own
 MIN_ROWS_PER_PIECE = 32
+#: fewest multiply-adds of a product worth cutting at all: a product of a few rows (a generation step's
+#: (B, C) activations) costs less on one core than waking a second one
+MIN_MACS_TO_SPLIT = 1 << 22
 
 
 def _row_bounds(n_rows: int):
@@ -243,10 +246,12 @@ def run_all(tasks) -> None:
 def matmul(a, b, bias=None):
     """``a @ b`` (plus ``bias`` on every row) for 2-D ``a`` (M, K) and ``b`` (K, N), in blocks on the threads.
 
-    CuPy arrays, other shapes and one thread take plain ``a @ b``.
+    CuPy arrays, other shapes, one thread and products of fewer than
+    ``MIN_MACS_TO_SPLIT`` multiply-adds take plain ``a @ b``.
     """
     if (not isinstance(a, np.ndarray) or num_threads() == 1 or a.ndim != 2 or b.ndim != 2
-            or max(a.shape[0], b.shape[1]) < 2 * MIN_ROWS_PER_PIECE):  # one block: no thread to wake
+            or max(a.shape[0], b.shape[1]) < 2 * MIN_ROWS_PER_PIECE  # one block: no thread to wake
+            or a.shape[0] * a.shape[1] * b.shape[1] < MIN_MACS_TO_SPLIT):
         out = a @ b
         if bias is not None:
             out += bias

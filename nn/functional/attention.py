@@ -76,6 +76,9 @@ def _row_blocks(xp, T: int, S: int, causal: bool):
 
 #: scores per piece of CPU attention work (B * H * T * S summed over its batch elements): about a core's L2
 PIECE_SCORES = 1 << 17
+#: fewer scores than this in all (a generation step: one query per row) run as one piece: waking a thread
+#: would cost more than the work
+MIN_SCORES_TO_SPLIT = 1 << 14
 
 
 def _head_pieces(xp, B: int, H: int, Hkv: int, T: int, S: int):
@@ -85,10 +88,10 @@ def _head_pieces(xp, B: int, H: int, Hkv: int, T: int, S: int):
     (fewer pieces pay the threads' hand-offs less often; every thread still
     gets one), or one (batch element, kv head) pair when there are fewer
     batch elements than threads. Every (batch, head) is computed the same
-    way in any grouping. CuPy: one piece.
+    way in any grouping. CuPy, or fewer than ``MIN_SCORES_TO_SPLIT`` scores: one piece.
     """
     n = threads.num_threads()
-    if xp is not np or n == 1:
+    if xp is not np or n == 1 or B * H * T * S < MIN_SCORES_TO_SPLIT:
         return [(slice(None), slice(None))]
     if B < n and Hkv > 1:
         return [(slice(b, b + 1), slice(h, h + 1)) for b in range(B) for h in range(Hkv)]
@@ -174,8 +177,8 @@ class ScaledDotProductAttention(Function):
         self.pieces = _head_pieces(xp, B, H, Hkv, T, S)
         # P of every block, filled piece by piece: (B, Hkv, G*n, end) per block
         self.ps = [xp.empty((B, Hkv, G * (r1 - r0), end), dtype=q.dtype) for r0, r1, end in self.blocks]
-        masks = {n: causal_mask_bias(xp, n, n, cd) for n in {r1 - r0 for r0, r1, _ in self.blocks}} \
-            if self.causal else {}
+        causal = self.causal and T > 1  # one query (a generation step) sees every key: nothing to mask
+        masks = {n: causal_mask_bias(xp, n, n, cd) for n in {r1 - r0 for r0, r1, _ in self.blocks}} if causal else {}
 
         def piece(i):  # a range of batch elements and kv heads, every block of query rows
             bs, hs = self.pieces[i]
@@ -188,9 +191,9 @@ class ScaledDotProductAttention(Function):
                 # float32 computes straight into P; float16 through a float32 copy (softmax needs its range)
                 s = xp.matmul(qb, kt, out=p) if cd == p.dtype else xp.matmul(qb, kt).astype(cd)
                 s *= cd.type(self.scale)
-                if self.causal or self.bias is not None:
+                if causal or self.bias is not None:
                     s5 = s.reshape(s.shape[0], s.shape[1], G, n, end)  # (b, h, G, n, end): a view into s
-                    if self.causal:
+                    if causal:
                         s5[..., end - n:] += masks[n]  # the block's diagonal square
                     if self.bias is not None:
                         s5 += self._bias_block(bs, r0, r1, end)
