@@ -177,6 +177,8 @@ def run_harness(spec_path: str, out_path: str) -> None:
     for name, metrics in res["results"].items():
         out["results"][name] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
     for name, samples in res["samples"].items():
+        first_filter = samples[0]["filter"] if samples else None  # one entry per document and filter: keep one
+        samples = [s for s in samples if s["filter"] == first_filter]
         out["samples"][name] = [{"arguments": [list(a)[:2] if not isinstance(a[1], dict) else [a[0], None]
                                                for a in s["arguments"]],
                                  "resps": s["resps"]} for s in samples]
@@ -269,26 +271,55 @@ def compare(args) -> int:
     hf.mkdir(parents=True, exist_ok=True)
     export_hf(model, tokenizer, hf)
 
-    # the documents, once, in both shapes
-    cache, spec_tasks = {}, []
+    # the documents, once, in both shapes; documents whose answer is longer than the model's context are
+    # left out of both (we note and skip them; lm-eval stops with an assertion)
+    from llm.eval.evaluator import build_requests, unscorable_docs
+
+    probe = ModelLM(model, tokenizer, progress=False)
+    cache, spec_tasks, dropped = {}, [], {}
     for leaf in leaves:
         task = get_task(leaf)
-        splits = [task.eval_split] + ([task.fewshot_split] if task.fewshot_split and args.num_fewshot else [])
         files = {}
-        for split in dict.fromkeys(splits):
+        key = (task.dataset, task.eval_split)
+        if key not in cache:
+            cache[key] = load_docs(task.dataset, task.eval_split)
+        if task.output_type == "multiple_choice" or task.output_type == "loglikelihood":
+            docs = task.process_docs(cache[key])
+            _, reqs = build_requests(task, docs, [], 0)
+            bad = {id(docs[i]) for i in unscorable_docs(probe, reqs)}
+            if bad:
+                # process_docs may copy documents: drop by position among this task's documents
+                positions = [i for i, d in enumerate(docs) if id(d) in bad]
+                mine = [d for d in cache[key] if task.process_docs([d])]
+                drop = {id(mine[i]) for i in positions}
+                cache[key] = [d for d in cache[key] if id(d) not in drop]
+                dropped[leaf] = len(drop)
+        for split in dict.fromkeys([task.eval_split, task.fewshot_split]):
+            if split is None:
+                continue
             key = (task.dataset, split)
             if key not in cache:
-                cache[key] = load_docs(task.dataset, split)
+                try:
+                    cache[key] = load_docs(task.dataset, split)
+                except Exception:  # no such split offline: lm-eval still builds its pool at start-up
+                    if split == task.eval_split:
+                        raise
+                    continue
             hsplit, hdocs = harness_docs(leaf, split, cache[key])
             path = work / "data" / leaf / f"{hsplit}.jsonl"
             write_jsonl(path, hdocs)
             files[hsplit] = str(path)
+        if task.fewshot_split and task.fewshot_split not in files and task.fewshot_split != task.eval_split:
+            # a stand-in pool (the scored split) so lm-eval can start; only 0-shot scores are compared then
+            files[task.fewshot_split] = files[harness_docs(leaf, task.eval_split, [])[0]]
         spec_tasks.append({"name": leaf, "harness_name": task.harness_name, "files": files})
     spec = {"hf_folder": str(hf), "tasks": spec_tasks, "limit": args.limit, "num_fewshot": args.num_fewshot,
             "batch_size": args.batch_size, "bootstrap_iters": args.bootstrap_iters,
             "max_gen_toks": args.max_gen_toks}
     (work / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
 
+    if dropped:
+        print(f"left out of both (an answer longer than the model's context): {dropped}", file=sys.stderr)
     print(f"lm-eval: scoring {len(leaves)} tasks (work folder {work}) ...", file=sys.stderr)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_ALLOW_CODE_EVAL": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -356,6 +387,8 @@ def print_comparison(rows, theirs, log, leaves) -> None:
             else:
                 tv, ts = _their_value(res, metric)
             diff = "" if tv is None or isinstance(tv, str) or math.isnan(tv) else f"{abs(tv - value):.2e}"
+            if diff and abs(tv) > 1e3:  # large perplexities: the relative difference says more
+                diff = f"{abs(tv - value) / abs(tv):.1e} rel"
             print(f"{r.task:<34} {metric:<30} {_fmt(tv, ts):>24} {_fmt(value, stderr):>24} {diff:>9}")
     # per request
     ours = {}

@@ -30,6 +30,8 @@ it from the command line.
 from __future__ import annotations
 
 import argparse
+import codecs
+import math
 import numbers
 import sys
 
@@ -41,8 +43,9 @@ from autograd.tensor import Tensor
 
 
 def _check_options(temperature, top_k, top_p):
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0 \
+            or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
@@ -255,9 +258,56 @@ def generate(model, ids, max_new_tokens: int, temperature: float = 1.0, top_k: i
 # ---------------------------------------------------------------------------
 
 
+class TextStream:
+    """Writes the text of token ids to ``out`` as they come, never cutting a multi-byte character.
+
+    A byte-level BPE token may end in the middle of a UTF-8 character (its
+    other bytes come with the next token), so the bytes go through an
+    incremental UTF-8 decoder that holds an unfinished character back until
+    its last byte arrives; ``close()`` flushes what is left (an unfinished
+    character becomes U+FFFD, as ``Tokenizer.decode`` would make it).
+    """
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, ids):
+        """Write the text of ``ids`` (as much of it as forms whole characters) and flush."""
+        text = self.decoder.decode(self.tokenizer.decode_bytes([int(i) for i in ids]))
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+    def close(self):
+        """Write what the decoder still holds."""
+        text = self.decoder.decode(b"", final=True)
+        if text:
+            self.out.write(text)
+        self.out.flush()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``PROG: error: MESSAGE (see --help)``, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 means greedy), got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
-    """``python -m llm generate``: continue a prompt with a trained checkpoint; prints prompt + continuation."""
-    parser = argparse.ArgumentParser(
+    """``python -m llm generate``: continue a prompt with a trained checkpoint, streaming the text to stdout.
+
+    The prompt is printed first, then each token as it is made; Ctrl-C stops
+    generation and keeps what was shown (exit status 130).
+    """
+    parser = _Parser(
         prog="python -m llm generate",
         description="Generate text from a checkpoint written by `python -m llm train` (a safetensors file holding "
                     "the model, its config and its tokenizer). Prints the prompt followed by the continuation.")
@@ -265,7 +315,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", default="",
                         help="text to continue (default: empty, which starts from the end-of-text token)")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="how many tokens to generate (default 100)")
-    parser.add_argument("--temperature", type=float, default=1.0,
+    parser.add_argument("--temperature", type=_temperature, default=1.0,
                         help="softmax temperature: < 1 sharper, > 1 flatter, 0 greedy (default 1.0)")
     parser.add_argument("--top-k", type=int, default=None,
                         help="sample only among the k most probable tokens (default: all)")
@@ -282,8 +332,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0:
         parser.error("--max-new-tokens must be >= 0")
-    if args.temperature < 0:
-        parser.error("--temperature must be >= 0")
     if args.top_k is not None and args.top_k < 1:
         parser.error("--top-k must be >= 1")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
@@ -328,18 +376,30 @@ def main(argv=None) -> int:
         start = [eot]
     else:
         start = prompt_ids
-    new = generate(model, start, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, greedy=args.greedy, eos_id=None if args.no_stop else eot,
-                   generator=np.random.default_rng(args.seed))
-    new = [int(t) for t in new]
-    if not args.no_stop and eot is not None and new and new[-1] == eot:
-        new = new[:-1]  # generation stopped at the end-of-text token: do not print it
-    text_ids = list(prompt_ids) + new
-    print(tokenizer.decode(text_ids))
+    eos = None if args.no_stop else eot
+    stream = TextStream(tokenizer, sys.stdout)
+    stream.write(prompt_ids)
+
+    def show(new):
+        if int(new[0]) != eos:  # the end-of-text token that stops generation is not printed
+            stream.write(new[:1])
+
+    try:
+        generate(model, start, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, greedy=args.greedy, eos_id=eos, generator=np.random.default_rng(args.seed),
+                 on_token=show)
+    except KeyboardInterrupt:
+        stream.close()
+        sys.stdout.write("\n")
+        print("python -m llm generate: interrupted; the text above is what was generated", file=sys.stderr)
+        return 130
+    stream.close()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
     return 0
 
 
-__all__ = ["filter_logits", "sample_next", "generate", "main"]
+__all__ = ["filter_logits", "sample_next", "generate", "TextStream", "main"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

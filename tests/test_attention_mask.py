@@ -231,3 +231,35 @@ def test_model_rejects_bad_positions_and_masks():
         model(ids, attention_mask=np.ones((2, 3), dtype=bool))
     with pytest.raises(TypeError, match="integer"):
         model(ids, position_ids=np.zeros((2, 3)))
+
+
+# ---------------------------------------------------------------------------
+# the heads' split and merge (one node each, for fewer nodes per generation step)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("H,Hkv", HEADS)
+def test_split_and_merge_heads_against_reshape_and_transpose(xp, rng, H, Hkv):
+    from autograd.ops.shape import split
+    from nn.layers.attention import MergeHeads, SplitHeads
+
+    B, T, hd = 2, 3, 4
+    x = rng.standard_normal((B, T, (H + 2 * Hkv) * hd))
+    a, b = leaf(xp, x), leaf(xp, x)
+    qa, ka, va = SplitHeads(H, Hkv, hd)(a)
+    qb, kb, vb = split(b, [H * hd, (H + Hkv) * hd], axis=-1)
+    qb = qb.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
+    kb = kb.reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)  # (B, Hkv, T, hd)
+    vb = vb.reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)
+    for u, w in ((qa, qb), (ka, kb), (va, vb)):
+        assert u.shape == w.shape
+        np.testing.assert_array_equal(cpu(u), cpu(w))
+    ya = MergeHeads()(qa * 2.0)  # (B, T, H hd)
+    yb = (qb * 2.0).transpose(0, 2, 1, 3).reshape(B, T, H * hd)
+    np.testing.assert_array_equal(cpu(ya), cpu(yb))
+    gy = xp.asarray(rng.standard_normal(ya.shape))
+    ((ya * Tensor(gy)).sum() + (ka * va).sum()).backward()
+    ((yb * Tensor(gy)).sum() + (kb * vb).sum()).backward()
+    np.testing.assert_array_equal(cpu(a.grad), cpu(b.grad))
+    assert gradcheck(lambda t: MergeHeads()(SplitHeads(H, Hkv, hd)(t)[0] * SplitHeads(H, Hkv, hd)(t)[2][:, :1]),
+                     leaf(xp, x))

@@ -233,3 +233,31 @@ def test_mbpp_program_is_the_completion_then_the_tests():
     lm = CodeLM({"add two numbers": ["def add(a, b):\n  return a + b\n"], "square": ["def square(x):\n  return x\n"]})
     rows = E.evaluate(lm, ["mbpp"], loader=fixture_loader)
     assert rows[0].metrics["pass@1"][0] == 0.5 and rows[0].num_fewshot == 3
+
+
+class ShortWindowLM(FakeLM):
+    """A model that, like ModelLM, refuses a continuation longer than its window (here: characters as tokens)."""
+
+    max_length = 16
+
+    def encode_pair(self, context, continuation):
+        return list(context), list(continuation)
+
+    def loglikelihood(self, requests):
+        for i, (_, cont) in enumerate(requests):
+            if len(cont) > self.max_length:
+                raise ValueError(f"request {i}'s continuation has {len(cont)} tokens")
+        return super().loglikelihood(requests)
+
+
+def test_documents_whose_answer_cannot_fit_are_left_out_with_a_note():
+    (piqa,) = E.evaluate(ShortWindowLM(), ["piqa"], loader=fixture_loader)
+    docs = DOCS["piqa"]["validation"]
+    fits = [d for d in docs if max(len(" " + d["sol1"]), len(" " + d["sol2"])) <= 16]
+    assert 0 < len(fits) < len(docs)
+    assert piqa.error is None and piqa.n == len(fits) and piqa.n_total == len(docs)
+    assert f"{len(docs) - len(fits)} of {len(docs)} documents have an answer longer" in piqa.notes[0]
+    tiny = ShortWindowLM()
+    tiny.max_length = 4
+    (copa,) = E.evaluate(tiny, ["copa"], loader=fixture_loader)  # no answer fits: an error, not an empty score
+    assert "continuation has" in copa.error

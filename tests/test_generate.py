@@ -297,3 +297,79 @@ def test_cli_rejects_bad_options(checkpoint, capsys):
     assert e.value.code == 2
     assert "--top-p" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "-inf", "x"])
+def test_cli_bad_temperature_is_a_one_line_usage_error(checkpoint, capsys, value):
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(checkpoint), f"--temperature={value}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--temperature" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_generate_refuses_a_temperature_that_is_not_finite():
+    model = model_for(gpt2_like)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            generate(model, [1, 2], 3, temperature=bad)
+
+
+class Recorder:
+    """A stdout that remembers every write."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+
+def scripted(monkeypatch, tokens, interrupt_at=None):
+    """Make generation pick ``tokens`` in order (one row), recording how much was written before each pick."""
+    import llm.generate as G
+
+    calls = []
+
+    def fake_sample_next(logits, *args, **kwargs):
+        calls.append(len(G.sys.stdout.writes))
+        if interrupt_at is not None and len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return np.array([tokens[len(calls) - 1]])
+
+    monkeypatch.setattr(G, "sample_next", fake_sample_next)
+    out = Recorder()
+    monkeypatch.setattr(G.sys, "stdout", out)
+    return out, calls
+
+
+def byte_tokens(path, text):
+    from llm.checkpoint import load_model
+
+    tok = load_model(path)[1]
+    ranks = tok.mergeable_ranks
+    return [ranks[bytes([b])] for b in text.encode("utf-8")]
+
+
+def test_cli_streams_tokens_and_never_cuts_a_character(checkpoint, monkeypatch):
+    ids = byte_tokens(checkpoint, "é€ ok")  # one token per byte: é and € arrive in pieces
+    out, calls = scripted(monkeypatch, ids)
+    assert main(["--checkpoint", str(checkpoint), "--prompt", "to be", "--max-new-tokens", str(len(ids)),
+                 "--no-stop"]) == 0
+    assert "".join(out.writes) == "to beé€ ok\n"
+    assert all("\ufffd" not in w for w in out.writes)
+    assert out.writes[0] == "to be"  # the prompt is shown before the first token is made
+    assert calls[0] == 1 and calls[-1] > calls[0] + 1  # tokens were written while generation went on
+
+
+def test_cli_ctrl_c_keeps_what_was_shown(checkpoint, monkeypatch, capsys):
+    ids = byte_tokens(checkpoint, "abcdef")
+    out, _ = scripted(monkeypatch, ids, interrupt_at=4)
+    assert main(["--checkpoint", str(checkpoint), "--prompt", "to be", "--max-new-tokens", "6", "--no-stop"]) == 130
+    assert "".join(out.writes) == "to beabc\n"
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err

@@ -308,8 +308,8 @@ def main(argv=None) -> int:
     return 1 if any(r.error for r in rows) else 0
 
 
-__all__ = ["build_parser", "parse_num_fewshot", "parse_data_files", "load_model", "make_lm", "table_rows", "format_table",
-           "markdown_table", "results_json", "default_output", "main"]
+__all__ = ["build_parser", "parse_num_fewshot", "parse_data_files", "load_model", "make_lm", "table_rows",
+           "format_table", "markdown_table", "results_json", "default_output", "main"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

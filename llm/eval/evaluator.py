@@ -130,11 +130,21 @@ class DocumentCache:
 
         return load_docs(dataset, split, data_file=data_file, log=self.log)
 
+    def data_file(self, task: Task, split: str) -> str | None:
+        """The user's file for ``split`` of ``task``: ``TASK:SPLIT`` or ``DATASET:SPLIT``; ``TASK``: scored split."""
+        names = (task.name, task.dataset)
+        for name in names:
+            if f"{name}:{split}" in self.data_files:
+                return self.data_files[f"{name}:{split}"]
+        if split == task.eval_split:
+            for name in names:
+                if name in self.data_files:
+                    return self.data_files[name]
+        return None
+
     def get(self, task: Task, split: str) -> list[dict]:
         """Documents of ``task.dataset``'s ``split`` (a ``--data-file`` given for the task or its dataset wins)."""
-        data_file = (self.data_files.get(f"{task.name}:{split}") or self.data_files.get(f"{task.dataset}:{split}")
-                     or (split == task.eval_split and (self.data_files.get(task.name)
-                                                       or self.data_files.get(task.dataset))) or None)
+        data_file = self.data_file(task, split)
         key = (task.dataset, split, data_file)
         if key not in self._cache:
             try:
@@ -242,6 +252,25 @@ def run_requests(lm, requests: list[list]) -> list[list]:
     return answers
 
 
+def unscorable_docs(lm, requests: list[list]) -> list[int]:
+    """Documents with a log-likelihood request whose continuation is longer than the model can score at once.
+
+    Uses the model's own encoding (``lm.encode_pair``); an empty list when the model does not offer it.
+    """
+    encode, limit = getattr(lm, "encode_pair", None), getattr(lm, "max_length", None)
+    if encode is None or limit is None:
+        return []
+    bad = []
+    for i, rs in enumerate(requests):
+        for r in rs:
+            if r.kind == LOGLIKELIHOOD:
+                _, cont = encode(*r.args)
+                if not cont or len(cont) > limit:
+                    bad.append(i)
+                    break
+    return bad
+
+
 def evaluate_task(task: Task, lm, settings: EvalSettings | None = None, documents: DocumentCache | None = None,
                   log=print) -> TaskResult:
     """Run one task on ``lm``; a problem with the task becomes ``TaskResult.error`` (one line), never an exception."""
@@ -268,7 +297,13 @@ def evaluate_task(task: Task, lm, settings: EvalSettings | None = None, document
             if pool is None:
                 if task.fewshot_split is None:
                     raise TaskError(f"{task.name}: this task has no few-shot examples; use --num-fewshot 0")
-                pool = task.process_docs(documents.get(task, task.fewshot_split))
+                try:
+                    pool = task.process_docs(documents.get(task, task.fewshot_split))
+                except TaskError as e:
+                    raise TaskError(f"{e}; {shots}-shot prompts draw their examples from the {task.fewshot_split} "
+                                    f"split: pass --data-file {task.name}:{task.fewshot_split}=FILE, or "
+                                    f"--num-fewshot {task.name}=0" + (", or use gsm8k_cot (fixed examples)"
+                                                                       if task.dataset == "gsm8k" else "")) from None
         result.num_fewshot = shots
         result.n, result.n_total = len(docs), len(all_docs)
         result.data_sha256 = docs_sha256(all_docs, pool)
@@ -278,7 +313,19 @@ def evaluate_task(task: Task, lm, settings: EvalSettings | None = None, document
         try:
             answers = run_requests(lm, requests)
         except ValueError as e:  # the model cannot answer these requests (its message says why)
-            raise TaskError(f"{task.name}: {e}") from None
+            bad = set(unscorable_docs(lm, requests))
+            if not bad or len(bad) == len(docs):
+                raise TaskError(f"{task.name}: {e}") from None
+            docs = [d for i, d in enumerate(docs) if i not in bad]
+            requests = [r for i, r in enumerate(requests) if i not in bad]
+            result.notes.append(f"{len(bad)} of {result.n} documents have an answer longer than the model's context "
+                                f"of {lm.max_length} tokens, which no window can score, and are left out "
+                                f"(lm-evaluation-harness stops with an assertion on them)")
+            result.n = len(docs)
+            try:
+                answers = run_requests(lm, requests)
+            except ValueError as e2:
+                raise TaskError(f"{task.name}: {e2}") from None
         truncated = getattr(lm, "n_truncated", 0) - truncated_before
         if truncated:
             n_inputs = sum(len(rs) for rs in requests)
@@ -342,7 +389,8 @@ def aggregate_group(name: str, leaves: list[TaskResult]) -> TaskResult:
     return group
 
 
-def evaluate(lm, names: Sequence[str], settings: EvalSettings | None = None, log=print, loader=None) -> list[TaskResult]:
+def evaluate(lm, names: Sequence[str], settings: EvalSettings | None = None, log=print,
+             loader=None) -> list[TaskResult]:
     """Run tasks and groups by name (see ``llm.eval.tasks.known_tasks``), in order; returns one result per row.
 
     A group gives its own row followed by its members' (MMLU: ``mmlu``, then
@@ -379,5 +427,6 @@ def _group_rows(name: str, done: dict) -> list[TaskResult]:
 
 
 __all__ = ["DEFAULT_MAX_GEN_TOKS", "TaskResult", "EvalSettings", "DocumentCache", "docs_sha256", "resolve_limit",
-           "aggregate", "chance_levels", "build_requests", "run_requests", "evaluate_task", "prepare_generation", "aggregate_group",
+           "aggregate", "chance_levels", "build_requests", "run_requests", "unscorable_docs", "evaluate_task",
+           "prepare_generation", "aggregate_group",
            "evaluate"]

@@ -168,8 +168,8 @@ class ScaledDotProductAttention(Function):
         self.pieces = _head_pieces(xp, B, H, Hkv, T, S)
         # P of every block, filled piece by piece: (B, Hkv, G*n, end) per block
         self.ps = [xp.empty((B, Hkv, G * (r1 - r0), end), dtype=q.dtype) for r0, r1, end in self.blocks]
-        masks = {n: causal_mask_bias(xp, n, n, cd) for n in {r1 - r0 for r0, r1, _ in self.blocks}} \
-            if self.causal else {}
+        causal = self.causal and T > 1  # one query (a generation step) sees every key: nothing to mask
+        masks = {n: causal_mask_bias(xp, n, n, cd) for n in {r1 - r0 for r0, r1, _ in self.blocks}} if causal else {}
 
         def piece(i):  # a range of batch elements and kv heads, every block of query rows
             bs, hs = self.pieces[i]
@@ -182,9 +182,9 @@ class ScaledDotProductAttention(Function):
                 # float32 computes straight into P; float16 through a float32 copy (softmax needs its range)
                 s = xp.matmul(qb, kt, out=p) if cd == p.dtype else xp.matmul(qb, kt).astype(cd)
                 s *= cd.type(self.scale)
-                if self.causal or self.bias is not None:
+                if causal or self.bias is not None:
                     s5 = s.reshape(s.shape[0], s.shape[1], G, n, end)  # (b, h, G, n, end): a view into s
-                    if self.causal:
+                    if causal:
                         s5[..., end - n:] += masks[n]  # the block's diagonal square
                     if self.bias is not None:
                         s5 += self._bias_block(bs, r0, r1, end)

@@ -19,8 +19,8 @@ import numpy as np
 
 from autograd import backend
 from autograd.backend import get_array_module
-from autograd.engine import is_grad_enabled
-from autograd.ops.shape import concatenate, split
+from autograd.engine import Function, is_grad_enabled
+from autograd.ops.shape import concatenate
 from autograd.tensor import Tensor
 
 from .. import init
@@ -107,6 +107,58 @@ class KVCache:
             past_v = Tensor(self.v[:, :, :start].copy())
             return concatenate([past_k, k], axis=2), concatenate([past_v, v], axis=2)
         return Tensor(self.k[:, :, :end]), Tensor(self.v[:, :, :end])  # (B, Hkv, end, D) views
+
+
+class SplitHeads(Function):
+    """q, k, v of shapes (B, H, T, hd), (B, Hkv, T, hd), (B, Hkv, T, hd): views of the fused projection.
+
+    ``qkv`` is (B, T, (H + 2 Hkv) hd), laid out ``[q | k | v]`` along its last
+    axis, each part ``heads x hd``. Forward only reshapes and transposes (no
+    copy). Backward puts each gradient back where its part came from:
+    ``dqkv = [dq | dk | dv]`` with every (B, heads, T, hd) gradient transposed
+    back to (B, T, heads, hd), written into one fresh array. (The same as
+    ``split`` followed by three ``reshape`` and three ``transpose`` nodes, in one
+    node instead of seven: a generation step runs it once per layer.)
+    """
+
+    def __init__(self, n_head: int, n_kv_head: int, head_dim: int):
+        self.H, self.Hkv, self.hd = n_head, n_kv_head, head_dim
+
+    def forward(self, qkv):
+        B, T, W = qkv.shape
+        H, Hkv, hd = self.H, self.Hkv, self.hd
+        if W != (H + 2 * Hkv) * hd:
+            raise ValueError(f"split_heads: the last axis of qkv is {W}, not (n_head + 2 n_kv_head) head_dim = "
+                             f"({H} + 2 * {Hkv}) * {hd}")
+        heads = qkv.reshape(B, T, H + 2 * Hkv, hd)  # (B, T, H + 2 Hkv, hd)
+        return (heads[:, :, :H].transpose(0, 2, 1, 3),  # (B, H, T, hd)
+                heads[:, :, H:H + Hkv].transpose(0, 2, 1, 3),  # (B, Hkv, T, hd)
+                heads[:, :, H + Hkv:].transpose(0, 2, 1, 3))  # (B, Hkv, T, hd)
+
+    def backward(self, gq, gk, gv):
+        xp = get_array_module(gq)
+        B, H, T, hd = gq.shape
+        Hkv = self.Hkv
+        g = xp.empty((B, T, H + 2 * Hkv, hd), dtype=np.result_type(gq, gk, gv))  # (B, T, H + 2 Hkv, hd)
+        g[:, :, :H] = gq.transpose(0, 2, 1, 3)  # (B, T, H, hd)
+        g[:, :, H:H + Hkv] = gk.transpose(0, 2, 1, 3)  # (B, T, Hkv, hd)
+        g[:, :, H + Hkv:] = gv.transpose(0, 2, 1, 3)
+        return g.reshape(B, T, (H + 2 * Hkv) * hd)  # (B, T, (H + 2 Hkv) hd)
+
+
+class MergeHeads(Function):
+    """y (B, H, T, hd) -> (B, T, H hd): the heads side by side again; backward is the inverse view.
+
+    Free when y's memory is laid out (B, T, H, hd), as the attention op's output is.
+    """
+
+    def forward(self, y):
+        B, H, T, hd = self.shape = y.shape
+        return y.transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # (B, T, H, hd) -> (B, T, H hd)
+
+    def backward(self, gy):
+        B, H, T, hd = self.shape
+        return gy.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # (B, T, H, hd) -> (B, H, T, hd)
 
 
 def check_heads(n_embd: int, n_head: int, n_kv_head: int | None):
@@ -200,10 +252,7 @@ class CausalSelfAttention(Module):
         B, T, C = x.shape
         H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_attn(x)  # (B, T, (H + 2 Hkv) * hd)
-        q, k, v = split(qkv, [H * hd, (H + Hkv) * hd], axis=-1)
-        q = q.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
-        k = k.reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)  # (B, Hkv, T, hd)
-        v = v.reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)  # (B, Hkv, T, hd)
+        q, k, v = SplitHeads(H, Hkv, hd)(qkv)  # (B, H, T, hd), (B, Hkv, T, hd), (B, Hkv, T, hd)
         if self.rope:
             if position_ids is None:
                 cos, sin = self._rope_tables(get_array_module(x.data), x.dtype, start, T)  # (T, hd / 2)
@@ -215,7 +264,7 @@ class CausalSelfAttention(Module):
             k, v = kv_cache.update(k, v)  # (B, Hkv, S, hd), S = cached + T
         y = scaled_dot_product_attention(q, k, v, causal=True, dropout_p=self.dropout, training=self.training,
                                          mask=mask)
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, H, hd) -> (B, T, C)
+        y = MergeHeads()(y)  # (B, H, T, hd) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
     def extra_repr(self):

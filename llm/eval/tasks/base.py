@@ -39,7 +39,7 @@ class TaskError(ValueError):
 
 @dataclass(frozen=True)
 class Request:
-    """One model call: ``kind`` is LOGLIKELIHOOD (context, continuation), ROLLING (text,) or GENERATE (context, kwargs)."""
+    """One model call: ``kind`` LOGLIKELIHOOD (context, continuation), ROLLING (text,) or GENERATE (context, kwargs)."""
 
     kind: str
     args: tuple

@@ -45,7 +45,7 @@ class ARC(Task):
 
 
 def hellaswag_preprocess(text: str) -> str:
-    """The harness's HellaSwag clean-up: strip, WikiHow's " [title]" -> ". ", other [brackets] removed, double spaces."""
+    """The harness's HellaSwag clean-up: strip, " [title]" -> ". ", other [brackets] removed, double spaces halved."""
     text = text.strip()
     text = text.replace(" [title]", ". ")
     text = re.sub("\\[.*?\\]", "", text)
