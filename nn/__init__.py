@@ -7,7 +7,7 @@
 """
 
 from . import amp, functional, init, optim
-from .layers import (MLP, GELU, Block, CausalSelfAttention, Dropout, Embedding, Identity, KVCache, LayerNorm, Linear,
+from .layers import (MLP, GELU, NORM_PLACEMENTS, Block, CausalSelfAttention, Dropout, Embedding, Identity, KVCache, LayerNorm, Linear,
                      RMSNorm, SiLU, SwiGLU, check_heads, linear, llama_hidden_dim)
 from .module import IncompatibleKeys, Module, ModuleDict, ModuleList, Parameter, Sequential, functional_call
 from .recompute import recompute
@@ -16,5 +16,6 @@ __all__ = [
     "Module", "Parameter", "ModuleList", "ModuleDict", "Sequential", "IncompatibleKeys", "functional_call",
     "Linear", "linear", "Embedding", "Dropout", "GELU", "SiLU", "Identity", "MLP", "SwiGLU", "llama_hidden_dim",
     "LayerNorm", "RMSNorm", "CausalSelfAttention", "KVCache", "check_heads", "Block",
+    "NORM_PLACEMENTS",
     "recompute", "init", "optim", "functional", "amp",
 ]

@@ -38,11 +38,10 @@ from ..model import GPTConfig
 
 def block_parameters(config: GPTConfig) -> int:
     """Parameters of one block of ``config`` (all blocks of a GPT are the same size)."""
-    from ..sizing import parameter_breakdown
+    from ..sizing import norm_parameters, parameter_breakdown
 
     b = parameter_breakdown(config)
-    norm = b["norms"] // (2 * config.n_layer + 1)
-    return (b["attn"] + b["mlp"]) // config.n_layer + 2 * norm
+    return (b["attn"] + b["mlp"]) // config.n_layer + 2 * norm_parameters(config)
 
 
 def stage_layout(config: GPTConfig, n_stages: int, counts=None) -> list[range]:
@@ -52,7 +51,7 @@ def stage_layout(config: GPTConfig, n_stages: int, counts=None) -> list[range]:
     blocks so that the largest per-stage parameter count is as small as
     possible, counting the parameters that do matrix-product work: every
     block's, and on the last stage the head's (``n_embd * vocab_size``, tied or
-    not) and ``ln_f``. The embedding lookups on the first stage cost no
+    not) and ``ln_f`` (pre-norm only). The embedding lookups on the first stage cost no
     products and are not counted, so a large vocabulary moves blocks off the
     last stage.
     """
@@ -64,8 +63,10 @@ def stage_layout(config: GPTConfig, n_stages: int, counts=None) -> list[range]:
         if config.n_layer < n_stages:
             raise ValueError(f"cannot split n_layer={config.n_layer} blocks into {n_stages} pipeline stages: every "
                              f"stage needs at least one block (use at most {config.n_layer} stages)")
-        head = config.n_embd * config.vocab_size + config.n_embd * (2 if config.norm == "layernorm" and config.bias
-                                                                  else 1)
+        from ..sizing import norm_parameters
+
+        ln_f = norm_parameters(config) if config.norm_placement == "pre" else 0
+        head = config.n_embd * config.vocab_size + ln_f
         counts = partition_balanced([block_parameters(config)] * config.n_layer, n_stages, last_extra=head)
     out, start = [], 0
     for c in counts:

@@ -2,10 +2,11 @@
 
 from .basic import GELU, Dropout, Embedding, Identity, Linear, LinearFunction, SiLU, linear
 from .attention import CausalSelfAttention, KVCache, check_heads
-from .block import Block
+from .block import NORM_PLACEMENTS, Block
 from .mlp import MLP, SwiGLU, llama_hidden_dim
 from .norm import LayerNorm, RMSNorm
 
 __all__ = ["Linear", "LinearFunction", "linear", "Embedding", "Dropout", "GELU", "SiLU", "Identity",
            "MLP", "SwiGLU", "llama_hidden_dim",
-           "LayerNorm", "RMSNorm", "CausalSelfAttention", "KVCache", "check_heads", "Block"]
+           "LayerNorm", "RMSNorm", "CausalSelfAttention", "KVCache", "check_heads", "Block",
+           "NORM_PLACEMENTS"]
