@@ -243,6 +243,7 @@ class GPT(nn.Module):
         c = config
         self.stage, self.n_stages, self.blocks = 0, 1, range(c.n_layer)
         self.recompute = False  # keep only each block's input in training; recompute the rest in backward
+        self.activation_hook = None  # hook(name, x) on "embed" and each "h.i" output (llm.trainer.grad_stats)
         self.wte = nn.Embedding(c.vocab_size, c.n_embd, generator=generator, dtype=dtype)
         if c.pos == "learned":
             self.wpe = nn.Embedding(c.block_size, c.n_embd, generator=generator, dtype=dtype)
@@ -309,6 +310,7 @@ class GPT(nn.Module):
         part.lm_head = self.lm_head if part.is_last else None
         part.training = self.training
         part.recompute = self.recompute
+        part.activation_hook = None
         return part
 
     @property
@@ -389,6 +391,11 @@ class GPT(nn.Module):
         each query may attend (True), on top of causality: key padding is
         ``keep[:, None, None, :]``. A query that may attend nothing gets zeros.
 
+        ``activation_hook`` (an attribute, None by default): when set, it is
+        called as ``hook(name, x)`` with the embeddings' output (``"embed"``)
+        and each block's output (``"h.3"``), the Tensors of the forward;
+        ``--grad-stats`` reads their RMS through it.
+
         A pipeline stage (``pipeline_stage``) runs its part: a stage after the
         first takes the previous stage's activation ``(B, T, C)`` (a Tensor)
         instead of ids (with the same ``position_ids`` and ``attention_mask``),
@@ -425,6 +432,8 @@ class GPT(nn.Module):
                 else:
                     x = x + self.wpe(position_ids)  # (B, T, C)
             x = self.drop(x)
+            if self.activation_hook is not None:
+                self.activation_hook("embed", x)
         elif not isinstance(ids, Tensor):
             raise TypeError(f"stage {self.stage} of the pipeline takes the previous stage's activation as a Tensor "
                             f"(B, T, C), got {type(ids).__name__}")
@@ -439,6 +448,8 @@ class GPT(nn.Module):
             else:
                 x = block(x, kv_cache=None if kv_caches is None else kv_caches[i], position_ids=position_ids,
                           mask=attention_mask)
+            if self.activation_hook is not None:
+                self.activation_hook(f"h.{i}", x)
         if not self.is_last:
             return x
         if last_only:

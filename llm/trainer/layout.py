@@ -145,7 +145,8 @@ class Layout:
             return clip_grad_norm_global_(named_masters, max_norm, self._norm_comm(), exclude=self.duplicate_names)
         return global_grad_norm(named_masters, self._norm_comm(), exclude=self.duplicate_names)
 
-    def step(self, job, optimizer, batch: dict, n_micro: int, grad_clip: float | None) -> StepResult:
+    def step(self, job, optimizer, batch: dict, n_micro: int, grad_clip: float | None,
+             observe_grads=None) -> StepResult:
         """One optimizer step over this replica's ``batch`` (a dict of arrays), in ``n_micro`` micro-batches.
 
         Forward and backward of every micro-batch (each one's summed loss
@@ -155,6 +156,11 @@ class Layout:
         clip to the global norm, the optimizer's step, masters back into the
         model. A non-finite loss or norm without a loss scaler raises
         ``nn.amp.NonFiniteError`` on every rank before anything is updated.
+
+        ``observe_grads(named_masters)`` (``--grad-stats``), when given, sees
+        this rank's masters with their final gradients (unscaled, summed over
+        the replicas, not yet clipped) just before the norm, clipping and the
+        optimizer's step; it is not called for a step a float16 overflow skips.
         """
         mp = self.mp
         scale = mp.scaler.get_scale() if mp.scaler.enabled else 1.0
@@ -166,7 +172,12 @@ class Layout:
                 mp.zero_grad()
                 raise nn.amp.NonFiniteError(f"loss is {result.loss}")
             world = self.comm
-            stepped = mp.step(optimizer, grad_clip, grad_norm=self.grad_norm,
+            grad_norm = self.grad_norm
+            if observe_grads is not None:
+                def grad_norm(named_masters, max_norm):
+                    observe_grads(named_masters)
+                    return self.grad_norm(named_masters, max_norm)
+            stepped = mp.step(optimizer, grad_clip, grad_norm=grad_norm,
                               agree_found_inf=(lambda f: agree_found_inf(world, f)) if world.size > 1 else None)
         return StepResult(result.loss, mp.last_grad_norm, not stepped, mp.scaler.get_scale())
 
