@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("llm.generate", "continue a prompt with a trained checkpoint (greedy, temperature, top-k, top-p)"),
     "size": ("llm.sizing", "parameter count, training FLOPs per token and compute-optimal tokens of a model preset"),
     "tokenizer": ("llm.tokenizer.cli", "train a byte-level BPE tokenizer, or encode / decode with one"),
+    "gradients": ("llm.plots", "summarise and plot the per-layer statistics of runs trained with --grad-stats"),
 }
 
 
