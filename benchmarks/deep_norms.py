@@ -179,11 +179,13 @@ def main(argv=None) -> int:
                        if plots.stats_records(runs[(d, p)])} for d in args.depths}
             for place in places:
                 plots.plot_profiles(panels, place / f"profiles-{when}.png")
+        scales = {d: plots.log_range_of([r for (depth, _), r in runs.items() if depth == d]) for d in args.depths}
         for (depth, placement), records in runs.items():
             if plots.stats_records(records):
                 for place in places if depth == max(args.depths) else places[:1]:  # --plots: the deepest only
                     plots.plot_heatmap(records, place / f"heatmap-L{depth}-{placement}.png",
-                                       title=f"{depth} blocks, {placement}: gradient norm by layer")
+                                       title=f"{depth} blocks, {placement}: gradient norm by layer",
+                                       log_range=scales[depth])  # one scale per depth: the maps compare
         print(f"plots in {', '.join(str(p) for p in places)}")
     except plots.PlotError as e:
         print(f"no plots: {e}", file=sys.stderr)

@@ -99,8 +99,12 @@ def _value(v):
 # ---------------------------------------------------------------------------
 
 
-def plot_heatmap(records: list, path, stat: str = "grad_norm", title: str | None = None) -> Path:
-    """A heat map of ``stat`` by layer (rows, the input at the bottom) and logged step (columns), log10 colours."""
+def plot_heatmap(records: list, path, stat: str = "grad_norm", title: str | None = None,
+                 log_range: tuple | None = None) -> Path:
+    """A heat map of ``stat`` by layer (rows, the input at the bottom) and logged step (columns), log10 colours.
+
+    ``log_range``: ``(low, high)`` of the colour scale in log10 units, to draw several runs on one scale
+    (default: this run's own range)."""
     plt = require_matplotlib()
     steps, layers, table = layer_table(records, stat)
     if not steps:
@@ -109,7 +113,9 @@ def plot_heatmap(records: list, path, stat: str = "grad_norm", title: str | None
         shown = np.log10(table)
     shown[~np.isfinite(shown)] = np.nan
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    image = ax.imshow(shown, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis")
+    low, high = log_range if log_range is not None else (None, None)
+    image = ax.imshow(shown, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis", vmin=low,
+                      vmax=high)
     fig.colorbar(image, ax=ax, label=f"log10 {STAT_LABELS[stat]}")
     xt = _ticks(len(steps), 8)
     ax.set_xticks(xt, [str(steps[i]) for i in xt])
@@ -148,6 +154,16 @@ def plot_profiles(panels: dict, path, stat: str = "grad_norm", title: str | None
     if title:
         fig.suptitle(title)
     return _save(fig, plt, path)
+
+
+def log_range_of(runs: list, stat: str = "grad_norm") -> tuple:
+    """``(low, high)``: whole powers of ten around every finite positive ``stat`` of the runs (lists of records),
+    for one colour scale across heat maps."""
+    values = np.concatenate([layer_table(r, stat)[2].ravel() for r in runs] + [np.empty(0)])
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size == 0:
+        return (-1.0, 1.0)
+    return (math.floor(np.log10(values.min())), math.ceil(np.log10(values.max())))
 
 
 def _ticks(n: int, most: int) -> list:
@@ -228,10 +244,11 @@ def main(argv=None) -> int:
     print(summary_table(runs, args.stat))
     out = Path(args.out) if args.out else _metrics_path(args.runs[0]).parent
     try:
+        scale = log_range_of(list(runs.values()), args.stat)  # one colour scale: the maps compare
         for label, records in runs.items():
             name = Path(label).name if Path(label).is_dir() else Path(label).parent.name
             drawn = plot_heatmap(records, out / f"{name}-{args.stat}-heatmap.png", args.stat, title=f"{name}: "
-                                 f"{STAT_LABELS[args.stat]} by layer")
+                                 f"{STAT_LABELS[args.stat]} by layer", log_range=scale)
             print(f"wrote {drawn}")
         panels = {f"{which} logged step": {label: (stats_records(r)[0] if which == "first" else stats_records(r)[-1])
                                            ["grad_stats"] for label, r in runs.items()} for which in ("first", "last")}
@@ -242,4 +259,5 @@ def main(argv=None) -> int:
 
 
 __all__ = ["layer_table", "block_profile", "first_to_last_ratio", "stats_records", "plot_heatmap", "plot_profiles",
+           "log_range_of",
            "summary_table", "require_matplotlib", "PlotError", "main", "STATS"]

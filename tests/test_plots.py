@@ -81,3 +81,10 @@ def test_command_draws_heat_maps_and_profiles(tmp_path, capsys):
     assert all((tmp_path / "png" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
     with pytest.raises(plots.PlotError, match="no metrics line has grad_stats"):
         plots.plot_heatmap([{"step": 1}], tmp_path / "empty.png")
+
+
+def test_one_colour_scale_spans_every_run():
+    other = [{"step": 1, "grad_stats": stats([2e-7, 30.0, 1.0])}]
+    assert plots.log_range_of([RECORDS, other]) == (-7, 2)
+    assert plots.log_range_of([RECORDS]) == (-1, 1)  # 0.5 .. 4
+    assert plots.log_range_of([[{"step": 1}]]) == (-1.0, 1.0)  # nothing to scale: a default
