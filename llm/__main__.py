@@ -22,6 +22,7 @@ COMMANDS = {
     "ppo": ("llm.post.ppo", "RLHF: PPO on a policy with a reward model or a programmatic reward (TRL's semantics)"),
     "pipeline": ("llm.post.pipeline", "the whole roadmap in one run: pre-train, SFT, reward model, PPO and DPO, eval, report"),
     "report": ("llm.eval.report", "a Markdown report card of run folders: training curves and evaluations"),
+    "gradients": ("llm.plots", "summarise and plot the per-layer statistics of runs trained with --grad-stats"),
 }
 
 

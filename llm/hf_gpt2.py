@@ -163,7 +163,8 @@ def hf_config_dict(config: GPTConfig, eos_token_id: int | None = None) -> dict:
 
 def _check_gpt2_architecture(config: GPTConfig):
     wrong = [f"{k}={getattr(config, k)!r} (GPT-2: {v!r})" for k, v in
-             (("mlp", "gelu"), ("norm", "layernorm"), ("pos", "learned"), ("tie_embeddings", True), ("bias", True))
+             (("mlp", "gelu"), ("norm", "layernorm"), ("pos", "learned"), ("tie_embeddings", True), ("bias", True),
+              ("norm_placement", "pre"))
              if getattr(config, k) != v]
     if config.kv_heads != config.n_head:
         wrong.append(f"n_kv_head={config.n_kv_head} (GPT-2 has as many kv heads as heads)")

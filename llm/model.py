@@ -13,10 +13,15 @@ The computation, for token ids of shape (B, T) (Radford et al. 2019, nanoGPT)::
 
     x = wte[ids] + wpe[offset : offset + T]      # (B, T, C); no wpe with RoPE
     x = dropout(x)
-    for block in h:                              # pre-norm residual blocks
+    for block in h:                              # pre-norm residual blocks (norm_placement "pre")
         x = x + attn(ln_1(x))
         x = x + mlp(ln_2(x))
     logits = ln_f(x) @ wte.T                     # tied head (B, T, V); untied: lm_head(ln_f(x))
+
+``norm_placement="post"`` is the original Transformer's (and GPT-1's, BERT's)
+post-norm: ``x = ln_1(x + attn(x)); x = ln_2(x + mlp(x))``, and no ``ln_f``
+(the last block's output is already normalised). ``"none"`` has no norm at all,
+in the blocks or before the head: a contrast for gradient studies.
 
 Parameter names are GPT-2's (Hugging Face's without the ``transformer.``
 prefix): ``wte.weight``, ``wpe.weight``, ``h.0.ln_1.weight``,
@@ -46,6 +51,7 @@ from autograd.tensor import Tensor
 _MLPS = ("gelu", "swiglu")
 _NORMS = ("layernorm", "rmsnorm")
 _POS = ("learned", "rope")
+_PLACEMENTS = nn.NORM_PLACEMENTS  # "pre", "post", "none"
 
 #: SwiGLU hidden sizes are rounded up to a multiple of this (Llama's ``multiple_of``)
 SWIGLU_MULTIPLE_OF = 256
@@ -64,6 +70,10 @@ class GPTConfig:
     anything between that divides ``n_head`` is grouped-query attention.
     ``mlp``: "gelu" (GPT-2's 4x MLP with tanh-GELU) or "swiglu" (Llama's).
     ``norm``: "layernorm" (GPT-2) or "rmsnorm" (Llama), with epsilon ``norm_eps``.
+    ``norm_placement``: "pre" (GPT-2, Llama: each sub-layer's input, plus ``ln_f``
+    before the head), "post" (the original Transformer: after each residual
+    add, no ``ln_f``) or "none" (no norm anywhere). Checkpoints from before the
+    field existed load as "pre".
     ``pos``: "learned" absolute position embeddings ``wpe`` (GPT-2) or "rope".
     ``tie_embeddings``: the output head reuses ``wte`` (logits = x @ wte.T).
     ``mlp_hidden_dim``: None means ``4 * n_embd`` for "gelu" and Llama's rule
@@ -85,6 +95,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
     mlp_hidden_dim: int | None = None
+    norm_placement: str = "pre"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -93,7 +104,7 @@ class GPTConfig:
             _check_positive_int("n_kv_head", self.n_kv_head)
         if self.mlp_hidden_dim is not None:
             _check_positive_int("mlp_hidden_dim", self.mlp_hidden_dim)
-        for name, choices in (("mlp", _MLPS), ("norm", _NORMS), ("pos", _POS)):
+        for name, choices in (("mlp", _MLPS), ("norm", _NORMS), ("pos", _POS), ("norm_placement", _PLACEMENTS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"GPTConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         try:
@@ -232,6 +243,7 @@ class GPT(nn.Module):
         c = config
         self.stage, self.n_stages, self.blocks = 0, 1, range(c.n_layer)
         self.recompute = False  # keep only each block's input in training; recompute the rest in backward
+        self.activation_hook = None  # hook(name, x) on "embed" and each "h.i" output (llm.trainer.grad_stats)
         self.wte = nn.Embedding(c.vocab_size, c.n_embd, generator=generator, dtype=dtype)
         if c.pos == "learned":
             self.wpe = nn.Embedding(c.block_size, c.n_embd, generator=generator, dtype=dtype)
@@ -242,10 +254,12 @@ class GPT(nn.Module):
             nn.Block(c.n_embd, c.n_head, c.n_kv_head, mlp=c.mlp, norm=c.norm, rope=c.pos == "rope", bias=c.bias,
                      dropout=c.dropout, n_layer=c.n_layer, block_size=c.block_size, rope_base=c.rope_base,
                      norm_eps=c.norm_eps, mlp_hidden_dim=c.hidden_dim, multiple_of=SWIGLU_MULTIPLE_OF,
-                     generator=generator, dtype=dtype)
+                     norm_placement=c.norm_placement, generator=generator, dtype=dtype)
             for _ in range(c.n_layer)
         ])
-        if c.norm == "layernorm":
+        if c.norm_placement != "pre":
+            self.ln_f = None  # post-norm: the last block's output is normalised already; "none": no norms at all
+        elif c.norm == "layernorm":
             self.ln_f = nn.LayerNorm(c.n_embd, eps=c.norm_eps, bias=c.bias, dtype=dtype)
         else:
             self.ln_f = nn.RMSNorm(c.n_embd, eps=c.norm_eps, dtype=dtype)
@@ -296,6 +310,7 @@ class GPT(nn.Module):
         part.lm_head = self.lm_head if part.is_last else None
         part.training = self.training
         part.recompute = self.recompute
+        part.activation_hook = None
         return part
 
     @property
@@ -414,6 +429,11 @@ class GPT(nn.Module):
         each query may attend (True), on top of causality: key padding is
         ``keep[:, None, None, :]``. A query that may attend nothing gets zeros.
 
+        ``activation_hook`` (an attribute, None by default): when set, it is
+        called as ``hook(name, x)`` with the embeddings' output (``"embed"``)
+        and each block's output (``"h.3"``), the Tensors of the forward;
+        ``--grad-stats`` reads their RMS through it.
+
         A pipeline stage (``pipeline_stage``) runs its part: a stage after the
         first takes the previous stage's activation ``(B, T, C)`` (a Tensor)
         instead of ids (with the same ``position_ids`` and ``attention_mask``),
@@ -450,6 +470,8 @@ class GPT(nn.Module):
                 else:
                     x = x + self.wpe(position_ids)  # (B, T, C)
             x = self.drop(x)
+            if self.activation_hook is not None:
+                self.activation_hook("embed", x)
         elif not isinstance(ids, Tensor):
             raise TypeError(f"stage {self.stage} of the pipeline takes the previous stage's activation as a Tensor "
                             f"(B, T, C), got {type(ids).__name__}")
@@ -464,11 +486,14 @@ class GPT(nn.Module):
             else:
                 x = block(x, kv_cache=None if kv_caches is None else kv_caches[i], position_ids=position_ids,
                           mask=attention_mask)
+            if self.activation_hook is not None:
+                self.activation_hook(f"h.{i}", x)
         if not self.is_last:
             return x
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
-        x = self.ln_f(x)
+        if self.ln_f is not None:
+            x = self.ln_f(x)
         logits = tied_head(x, self.wte.weight) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
 
         loss = None
@@ -487,7 +512,8 @@ class GPT(nn.Module):
         where = "" if self.n_stages == 1 else f", stage {self.stage} of {self.n_stages} (blocks {self.blocks.start}.." \
                                                f"{self.blocks.stop - 1})"
         return (f"n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, vocab_size={c.vocab_size}, "
-                f"block_size={c.block_size}, tied={c.tie_embeddings}{where}")
+                f"block_size={c.block_size}, tied={c.tie_embeddings}"
+                + (f", norm_placement={c.norm_placement!r}" if c.norm_placement != "pre" else "") + where)
 
 
 __all__ = ["GPTConfig", "PRESETS", "get_preset", "GPT", "TiedHead", "tied_head", "SWIGLU_MULTIPLE_OF"]

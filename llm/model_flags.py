@@ -21,7 +21,7 @@ from .trainer.config import positive_float, positive_int, unit_float
 
 #: GPTConfig fields with a flag each (dest = field name); vocab_size comes from the tokenizer
 FIELD_FLAGS = ("block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp", "norm", "pos", "tie_embeddings",
-               "dropout", "bias", "norm_eps", "rope_base", "mlp_hidden_dim")
+               "dropout", "bias", "norm_eps", "rope_base", "mlp_hidden_dim", "norm_placement")
 
 
 def add_model_flags(parser: argparse.ArgumentParser, preset_default: str = "tiny"):
@@ -45,6 +45,10 @@ def add_model_flags(parser: argparse.ArgumentParser, preset_default: str = "tiny
     m.add_argument("--mlp-hidden-dim", metavar="N", type=positive_int,
                    help="the feed-forward hidden width (default 4 x --n-embd for gelu, Llama's rule for swiglu)")
     m.add_argument("--norm", choices=["layernorm", "rmsnorm"], help="the normalisation: LayerNorm or RMSNorm")
+    m.add_argument("--norm-placement", choices=["pre", "post", "none"],
+                   help="where the blocks normalise: pre (at each sub-layer's input, and before the head: GPT-2, "
+                        "Llama), post (after each residual add, as the original Transformer; no final norm) or none "
+                        "(no norm anywhere, for contrast). With --norm: pre-LN, pre-RMSNorm, post-LN, ...")
     m.add_argument("--norm-eps", metavar="X", type=positive_float, help="the normalisation's epsilon")
     m.add_argument("--pos", choices=["learned", "rope"], help="positions: learned embeddings (GPT-2) or RoPE (Llama)")
     m.add_argument("--rope-base", metavar="X", type=positive_float, help="RoPE's base (default 10000)")

@@ -57,15 +57,23 @@ def parameter_breakdown(config: GPTConfig) -> dict[str, int]:
         mlp = C * H + bias * H + H * C + bias * C  # c_fc, c_proj
     else:
         mlp = 3 * C * H + bias * (2 * H + C)  # w1, w3 (C -> H), w2 (H -> C)
-    norm = C * (2 if (c.norm == "layernorm" and c.bias) else 1)  # weight (+ bias for LayerNorm with bias)
+    norm = norm_parameters(c)
+    n_norms = {"pre": 2 * L + 1, "post": 2 * L, "none": 0}[c.norm_placement]  # ln_1, ln_2 per layer (+ ln_f)
     return {
         "wte": V * C,
         "wpe": c.block_size * C if c.pos == "learned" else 0,
         "attn": L * attn,
         "mlp": L * mlp,
-        "norms": (2 * L + 1) * norm,  # ln_1, ln_2 per layer, ln_f
+        "norms": n_norms * norm,
         "lm_head": 0 if c.tie_embeddings else C * V,
     }
+
+
+def norm_parameters(config: GPTConfig) -> int:
+    """Parameters of one norm layer: the gain (and LayerNorm's bias when ``bias``); 0 with norm_placement "none"."""
+    if config.norm_placement == "none":
+        return 0
+    return config.n_embd * (2 if (config.norm == "layernorm" and config.bias) else 1)
 
 
 def count_parameters(config: GPTConfig) -> int:
@@ -199,8 +207,8 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["parameter_breakdown", "count_parameters", "non_embedding_parameters", "matmul_parameters",
-           "flops_per_token", "forward_flops_per_token", "compute_optimal_tokens", "summary", "format_table",
+__all__ = ["parameter_breakdown", "norm_parameters", "count_parameters", "non_embedding_parameters",
+           "matmul_parameters", "flops_per_token", "forward_flops_per_token", "compute_optimal_tokens", "summary", "format_table",
            "main", "CHINCHILLA_TOKENS_PER_PARAMETER"]
 
 if __name__ == "__main__":  # pragma: no cover

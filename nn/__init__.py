@@ -7,7 +7,7 @@
 """
 
 from . import amp, functional, init, optim
-from .layers import (MLP, GELU, Block, CausalSelfAttention, Dropout, Embedding, Identity, KVCache, LayerNorm, Linear,
+from .layers import (MLP, GELU, NORM_PLACEMENTS, Block, CausalSelfAttention, Dropout, Embedding, Identity, KVCache, LayerNorm, Linear,
                      LoRALinear, RMSNorm, SiLU, SwiGLU, apply_lora, check_heads, linear, llama_hidden_dim, lora_disabled,
                      lora_layers, lora_state_dict, merged_state_dict)
 from .module import IncompatibleKeys, Module, ModuleDict, ModuleList, Parameter, Sequential, functional_call
@@ -18,5 +18,6 @@ __all__ = [
     "Linear", "linear", "Embedding", "Dropout", "GELU", "SiLU", "Identity", "MLP", "SwiGLU", "llama_hidden_dim",
     "LayerNorm", "RMSNorm", "CausalSelfAttention", "KVCache", "check_heads", "Block",
     "LoRALinear", "apply_lora", "lora_layers", "lora_state_dict", "merged_state_dict", "lora_disabled",
+    "NORM_PLACEMENTS",
     "recompute", "init", "optim", "functional", "amp",
 ]

@@ -89,6 +89,7 @@ class TrainerConfig:
     stage_layout: str | None = None
     zero: int = 0
     recompute: bool = False
+    grad_stats: bool = False
     flags: dict = field(default_factory=dict)  # every flag of the run, recorded in checkpoints
 
     @classmethod
@@ -185,6 +186,11 @@ def add_trainer_flags(parser: argparse.ArgumentParser, defaults: dict | None = N
     o.add_argument("--overwrite", action="store_true",
                    help="start afresh even though OUT_DIR already holds a checkpoint (it is replaced at the first "
                         "checkpoint of the new run)")
+    o.add_argument("--grad-stats", action="store_true",
+                   help="add per-layer statistics to the metrics lines (and at the first step, the initial weights): "
+                        "each layer's and each parameter group's gradient norm and update-to-weight ratio, and the "
+                        "RMS of each block's output; `python -m llm gradients OUT_DIR` plots them. Costs nothing "
+                        "when off, a fraction of a step per metrics line when on")
     o.add_argument("--no-progress", action="store_true",
                    help="no progress display (a bar on a terminal, a line per --log-interval elsewhere; on stderr)")
 

@@ -38,11 +38,10 @@ from ..model import GPTConfig
 
 def block_parameters(config: GPTConfig) -> int:
     """Parameters of one block of ``config`` (all blocks of a GPT are the same size)."""
-    from ..sizing import parameter_breakdown
+    from ..sizing import norm_parameters, parameter_breakdown
 
     b = parameter_breakdown(config)
-    norm = b["norms"] // (2 * config.n_layer + 1)
-    return (b["attn"] + b["mlp"]) // config.n_layer + 2 * norm
+    return (b["attn"] + b["mlp"]) // config.n_layer + 2 * norm_parameters(config)
 
 
 def stage_layout(config: GPTConfig, n_stages: int, counts=None) -> list[range]:
@@ -52,7 +51,7 @@ def stage_layout(config: GPTConfig, n_stages: int, counts=None) -> list[range]:
     blocks so that the largest per-stage parameter count is as small as
     possible, counting the parameters that do matrix-product work: every
     block's, and on the last stage the head's (``n_embd * vocab_size``, tied or
-    not) and ``ln_f``. The embedding lookups on the first stage cost no
+    not) and ``ln_f`` (pre-norm only). The embedding lookups on the first stage cost no
     products and are not counted, so a large vocabulary moves blocks off the
     last stage.
     """
@@ -64,8 +63,10 @@ def stage_layout(config: GPTConfig, n_stages: int, counts=None) -> list[range]:
         if config.n_layer < n_stages:
             raise ValueError(f"cannot split n_layer={config.n_layer} blocks into {n_stages} pipeline stages: every "
                              f"stage needs at least one block (use at most {config.n_layer} stages)")
-        head = config.n_embd * config.vocab_size + config.n_embd * (2 if config.norm == "layernorm" and config.bias
-                                                                  else 1)
+        from ..sizing import norm_parameters
+
+        ln_f = norm_parameters(config) if config.norm_placement == "pre" else 0
+        head = config.n_embd * config.vocab_size + ln_f
         counts = partition_balanced([block_parameters(config)] * config.n_layer, n_stages, last_extra=head)
     out, start = [], 0
     for c in counts:
@@ -148,7 +149,8 @@ class Layout:
             return clip_grad_norm_global_(named_masters, max_norm, self._norm_comm(), exclude=self.duplicate_names)
         return global_grad_norm(named_masters, self._norm_comm(), exclude=self.duplicate_names)
 
-    def step(self, job, optimizer, batch: dict, n_micro: int, grad_clip: float | None) -> StepResult:
+    def step(self, job, optimizer, batch: dict, n_micro: int, grad_clip: float | None,
+             observe_grads=None) -> StepResult:
         """One optimizer step over this replica's ``batch`` (a dict of arrays), in ``n_micro`` micro-batches.
 
         Forward and backward of every micro-batch (each one's summed loss
@@ -158,6 +160,11 @@ class Layout:
         clip to the global norm, the optimizer's step, masters back into the
         model. A non-finite loss or norm without a loss scaler raises
         ``nn.amp.NonFiniteError`` on every rank before anything is updated.
+
+        ``observe_grads(named_masters)`` (``--grad-stats``), when given, sees
+        this rank's masters with their final gradients (unscaled, summed over
+        the replicas, not yet clipped) just before the norm, clipping and the
+        optimizer's step; it is not called for a step a float16 overflow skips.
         """
         mp = self.mp
         scale = mp.scaler.get_scale() if mp.scaler.enabled else 1.0
@@ -173,7 +180,12 @@ class Layout:
                 mp.zero_grad()
                 raise nn.amp.NonFiniteError(f"loss is {result.loss}")
             world = self.comm
-            stepped = mp.step(optimizer, grad_clip, grad_norm=self.grad_norm,
+            grad_norm = self.grad_norm
+            if observe_grads is not None:
+                def grad_norm(named_masters, max_norm):
+                    observe_grads(named_masters)
+                    return self.grad_norm(named_masters, max_norm)
+            stepped = mp.step(optimizer, grad_clip, grad_norm=grad_norm,
                               agree_found_inf=(lambda f: agree_found_inf(world, f)) if world.size > 1 else None)
         return StepResult(result.loss, mp.last_grad_norm, not stepped, mp.scaler.get_scale())
 

@@ -13,7 +13,8 @@ It reads like nanoGPT's loop::
 and everything around it lives in the modules it calls: ``layout`` (one
 process or dp x pp, ZeRO; the step), ``checkpoint`` (bitwise resume from any
 layout), ``metrics`` (the metrics file, the progress display, MFU),
-``signals`` (a checkpoint on Ctrl-C or SIGTERM, agreed by every rank). The
+``signals`` (a checkpoint on Ctrl-C or SIGTERM, agreed by every rank),
+``grad_stats`` (``--grad-stats``: per-layer statistics in the metrics). The
 job (``llm.trainer.job.Job``) supplies the model, the batches, the loss and
 its evaluation.
 
@@ -38,6 +39,7 @@ from parallel.pipeline import parse_counts
 from .checkpoint import (CheckpointWriteError, ResumeError, TrainingCheckpoint, remove_stale_temporaries,
                          save_training_checkpoint, seed_dropout_for_step)
 from .config import BOOKKEEPING_FLAGS, TrainerConfig
+from .grad_stats import GradStats, wants_stats
 from .layout import Layout, NoTargetsError
 from .metrics import MetricsWriter, Progress, matmul_size_for, measure_matmul_flops, mfu
 from .ranks import agree_on_stop
@@ -264,6 +266,7 @@ class Trainer:
             state["last_ckpt"], state["saved_step"] = str(self.ckpt_path), step
 
         progress = Progress(cfg.max_steps, step, enabled=self.main_rank and cfg.progress, desc=job.name)
+        grad_stats = GradStats(lay) if cfg.grad_stats else None  # --grad-stats; None: no hook, no cost
         step_time, steps_since_log, skipped_total, skips_in_row = 0.0, 0, 0, 0  # step_time: seconds in steps
         tokens_since_log = 0
         time_up = False
@@ -279,8 +282,12 @@ class Trainer:
                     batch = concat_batches([self.sampler.next_batch() for _ in range(cfg.grad_accum)])
                     batch = {k: backend.to_device(v, cfg.device) for k, v in batch.items()}
                     step_tokens = int(np.prod(job.inputs(batch).shape)) * cfg.dp
+                    stats_step = grad_stats is not None and wants_stats(step + 1, cfg)  # the same on every rank
+                    if stats_step:
+                        grad_stats.arm()
                     try:
-                        result = lay.step(job, opt, batch, cfg.micro_batches, cfg.grad_clip)
+                        result = lay.step(job, opt, batch, cfg.micro_batches, cfg.grad_clip,
+                                          observe_grads=grad_stats.observe_grads if stats_step else None)
                     except NoTargetsError as e:
                         raise SetupError(f"{e} at step {step + 1}: the data gives a batch without targets; check "
                                          "the job's labels (-100 marks the positions without a loss)") from None
@@ -288,6 +295,7 @@ class Trainer:
                         hint = "lower --lr" + ("" if cfg.grad_clip else " or enable --grad-clip")
                         raise TrainingDiverged(f"{e} at step {step + 1}; the last good checkpoint is "
                                                f"{state['last_ckpt'] or 'none (none was written yet)'}; {hint}") from None
+                    step_stats = grad_stats.finish() if stats_step else None  # collective; rank 0 gets them
                     step += 1
                     tokens += step_tokens
                     steps_since_log += 1
@@ -303,7 +311,7 @@ class Trainer:
                     last = step == cfg.max_steps or time_up or stopping or diverged
                     evaluating = (step % cfg.eval_interval == 0 or last) and not (stopping or diverged)
 
-                    if step % cfg.log_interval == 0 or evaluating or last:
+                    if step % cfg.log_interval == 0 or evaluating or last or stats_step:
                         tps = tokens_since_log / step_time  # training only: no evals, no checkpoints
                         step_time, steps_since_log, tokens_since_log = 0.0, 0, 0
                         record = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
@@ -312,6 +320,8 @@ class Trainer:
                         if lay.mp.scaler.enabled:
                             record["loss_scale"] = result.loss_scale
                         record.update(job.train_metrics(self))  # collective: every rank logs at the same steps
+                        if step_stats is not None:
+                            record["grad_stats"] = step_stats
                         progress.show(step, result.loss, tps, record["mfu"])
                         if evaluating:
                             found = job.evaluate(self, step)
