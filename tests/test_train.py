@@ -183,6 +183,7 @@ def test_grad_clip_bounds_the_update():
 def test_resume_is_bitwise_identical(corpus, tmp_path, monkeypatch, precision, dropout, interrupt):
     flags = ["--precision", precision, "--dropout", dropout, "--ckpt-interval", "3"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    sigint_before = signal.getsignal(signal.SIGINT)  # the default handler, or SIG_IGN under `nohup ... &`
     assert train_mod.main(argv(corpus, straight, *flags)) == 0
 
     with monkeypatch.context() as m:
@@ -205,7 +206,7 @@ def test_resume_is_bitwise_identical(corpus, tmp_path, monkeypatch, precision, d
             assert train_mod.main(argv(corpus, resumed, *flags, "--ckpt-interval", "0")) == 130
             assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3]
     assert TrainingCheckpoint.load(resumed / "ckpt.safetensors").step == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert signal.getsignal(signal.SIGINT) is sigint_before  # put back
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
     assert train_mod.main(argv(corpus, resumed, *flags, "--resume")) == 0
