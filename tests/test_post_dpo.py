@@ -288,5 +288,7 @@ def test_bad_loss_settings_are_clear_errors(files, capsys):
     assert "sigmoid loss only" in failing(files, capsys, "--loss", "hinge", "--label-smoothing", "0.1")
     assert "[0, 0.5)" in failing(files, capsys, "--label-smoothing", "0.7")
     assert "--pp 1" in failing(files, capsys, "--reference", "model", "--pp", "2")
+    assert "would move the reference too" in failing(files, capsys, "--reference", "model", "--lora-rank", "2",
+                                                      "--lora-train-embeddings")
     assert "not a preference dataset" in failing(files, capsys, "--eval-data", "natural_instructions")
     assert "match no linear layer" in failing(files, capsys, "--lora-rank", "2", "--lora-targets", "wq")

@@ -261,6 +261,11 @@ def test_a_lora_run_trains_only_the_adapters_and_leaves_them_and_the_merged_mode
     x = np.asarray([render(tok, conversation(*QA[0])).ids])
     with no_grad():
         np.testing.assert_allclose(merged(x)[0].data, with_adapters(x)[0].data, rtol=1e-5, atol=1e-5)
+    # the training checkpoint itself loads as a plain GPT (for generate and eval): its adapters merged
+    from_ckpt, _, _ = load_model(files / "lora" / "ckpt.safetensors")
+    assert not any(".lora_" in k for k in from_ckpt.state_dict())
+    with no_grad():
+        np.testing.assert_allclose(from_ckpt(x)[0].data, merged(x)[0].data, rtol=1e-6, atol=1e-6)
     # a post-training run can start from the LoRA training checkpoint: its adapters are merged on load
     assert sft.main(argv(files, "after-lora", "--model", str(files / "lora" / "ckpt.safetensors"),
                          "--max-steps", "1")) == 0

@@ -392,11 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "rejected one, relative to a reference (the starting model). Sigmoid (DPO), IPO or hinge loss; "
                     "full fine-tuning or LoRA; one process or --dp/--pp under mpirun; --resume continues bitwise.",
         epilog="Files: OUT_DIR/ckpt.safetensors, OUT_DIR/metrics.jsonl (loss, rewards/chosen, rewards/rejected, "
-               "rewards/accuracies, rewards/margins; val_... and <eval set>_... at evaluations); with LoRA also "
+               "rewards/accuracies, rewards/margins, logps/accuracies; val_... and <eval set>_... at evaluations); with LoRA also "
                "OUT_DIR/adapters.safetensors and the merged OUT_DIR/model.safetensors. Exit codes as `python -m llm "
                "sft`. " + threads_note())
     add_start_flags(p, DEFAULT_MODEL)
-    p.add_argument_group("starting model").add_argument(
+    p.add_argument_group("chat tokens").add_argument(
         "--add-chat-tokens", action="store_true",
         help="add the chat tokens when the model lacks them (normally DPO starts from an SFT model, which has them)")
     d = add_data_flags(p, "preferences", "ni_pairs")
@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "frozen reference forward at every step (--pp 1); with LoRA either is the base model with "
                         "the adapters off (default precomputed)")
     add_trainer_flags(p, {"out_dir": "runs/dpo", "lr": 1e-4, "warmup_steps": 10, "max_steps": 300,
-                          "eval_interval": 100, "ckpt_interval": 100, "weight_decay": 0.0, "eval_batches": 16})
+                          "eval_interval": 100, "ckpt_interval": 100, "weight_decay": 0.0, "eval_batches": 16},
+                      rows="preference pairs", averaged_over="pairs")
     return p
 
 
@@ -444,6 +445,10 @@ def main(argv=None, comm=None) -> int:
         if args.reference == "model" and args.pp > 1:
             raise SetupError("--reference model runs the reference inside the loss, which needs the whole model on one "
                              "process: use --pp 1, or the default --reference precomputed")
+        if args.reference == "model" and args.lora_rank and args.lora_train_embeddings:
+            raise SetupError("--reference model with LoRA is the policy with its adapters off, so training the "
+                             "embedding (--lora-train-embeddings) would move the reference too: use the default "
+                             "--reference precomputed, or drop --lora-train-embeddings")
     except SetupError as e:
         print(f"python -m llm dpo: error: {e}", file=sys.stderr)
         return 2

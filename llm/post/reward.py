@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                + threads_note())
     add_reward_data_flags(p)
     add_trainer_flags(p, {"out_dir": "runs/reward", "batch_size": 8, "max_steps": 200, "lr": 1e-4,
-                          "warmup_steps": 10, "eval_interval": 50, "ckpt_interval": 100})
+                          "warmup_steps": 10, "eval_interval": 50, "ckpt_interval": 100},
+                      rows="preference records (pairs or rankings)", averaged_over="preferred pairs")
     p.set_defaults(out_dir="runs/reward")
     return p
 

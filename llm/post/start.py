@@ -50,8 +50,8 @@ def _hf_tokenizer(folder: str):
 def load_start_model(path: str):
     """``(model, tokenizer)`` from one of our checkpoints or a Hugging Face GPT-2 folder; SetupError otherwise.
 
-    A training checkpoint of a LoRA run (its metadata has ``"lora"``) comes back
-    with the adapters merged into the weights: a plain GPT.
+    A training checkpoint of a LoRA run comes back with the adapters merged
+    into the weights (``llm.checkpoint.build_model``): a plain GPT.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -65,31 +65,12 @@ def load_start_model(path: str):
                          "`python -m llm train`, or pass a checkpoint)")
     try:
         tensors, metadata = load_checkpoint(path)
-        lora = metadata.get("lora")
-        if lora:
-            tensors = _merged_tensors(tensors, metadata, path)
-        model, tokenizer = build_model(tensors, metadata, where=f"checkpoint {path}")
+        model, tokenizer = build_model(tensors, metadata, where=f"checkpoint {path}")  # a LoRA run's: merged
     except CheckpointError as e:
         raise SetupError(f"--model: {e}") from None
     if tokenizer is None:
         raise SetupError(f"--model {path} holds no tokenizer; post-training needs the model's tokenizer")
     return model, tokenizer
-
-
-def _merged_tensors(tensors: dict, metadata: dict, path: str) -> dict:
-    """The ``model.*`` tensors of a LoRA training checkpoint with the adapters folded into their weights."""
-    from nn import apply_lora, merged_state_dict
-
-    from ..checkpoint import config_from_metadata, model_state_from_tensors
-
-    lora = metadata["lora"]
-    model = GPT(config_from_metadata(metadata, f"checkpoint {path}"))
-    apply_lora(model, lora["targets"], lora["rank"], lora["alpha"])
-    try:
-        model.load_state_dict(model_state_from_tensors(tensors))
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit its LoRA settings {lora}:\n{e}") from None
-    return {f"model.{k}": v for k, v in merged_state_dict(model).items()}
 
 
 @dataclasses.dataclass
@@ -271,7 +252,7 @@ def add_start_flags(parser, default_model: str):
     lo.add_argument("--lora-rank", metavar="R", type=int, default=0,
                     help="rank of the adapters; 0 trains every weight (default 0)")
     lo.add_argument("--lora-alpha", metavar="A", type=float, default=16.0,
-                    help="scale: the update is (A / R) x A B (default 16)")
+                    help="scale: the update is (alpha / R) x A B, alpha being this value (default 16)")
     lo.add_argument("--lora-targets", metavar="NAMES", default="c_attn,c_proj",
                     help="comma-separated linear layers to adapt, matched against the end of their names: c_attn, "
                          "c_proj (attention's and the MLP's), c_fc, attn.c_proj, mlp.c_proj, ... "

@@ -118,16 +118,21 @@ BOOKKEEPING_FLAGS = ("resume", "overwrite", "max_minutes", "metrics", "out_dir",
                      "sample_tokens", "max_steps", "lr_decay_steps", "grad_stats")
 
 
-def add_trainer_flags(parser: argparse.ArgumentParser, defaults: dict | None = None):
-    """Add the flags every training job shares to ``parser`` (``defaults`` overrides the defaults, by dest)."""
+def add_trainer_flags(parser: argparse.ArgumentParser, defaults: dict | None = None, rows: str = "sequences",
+                      averaged_over: str = "tokens"):
+    """Add the flags every training job shares to ``parser`` (``defaults`` overrides the defaults, by dest).
+
+    ``rows`` names what a batch is made of and ``averaged_over`` what the loss is a mean over, for the
+    help of ``--batch-size`` and ``--grad-accum`` (DPO: preference pairs, averaged over pairs).
+    """
     d = {f.name: f.default for f in fields(TrainerConfig) if f.name != "flags"}
     d.update(defaults or {})
 
     t = parser.add_argument_group("optimization")
     t.add_argument("--batch-size", metavar="N", type=positive_int, default=d["batch_size"],
-                   help=f"sequences per micro-batch, over all processes (default {d['batch_size']})")
+                   help=f"{rows} per micro-batch, over all processes (default {d['batch_size']})")
     t.add_argument("--grad-accum", metavar="N", type=positive_int, default=d["grad_accum"],
-                   help="micro-batches per optimizer step; the loss is the mean over all of their tokens "
+                   help=f"micro-batches per optimizer step; the loss is the mean over all of their {averaged_over} "
                         f"(default {d['grad_accum']})")
     t.add_argument("--max-steps", metavar="N", type=nonneg_int, default=d["max_steps"],
                    help=f"optimizer steps to train for (default {d['max_steps']})")
