@@ -80,6 +80,11 @@ def test_the_cache_section_matches_the_code(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_FROM_SCRATCH_CACHE", str(tmp_path / "cache"))
     assert corpus.cache_dir() == tmp_path / "cache" and "$LLM_FROM_SCRATCH_CACHE" in section
     assert corpus._SHAKESPEARE_CACHE_NAME in section and "datasets/" in section
+    from llm.eval import datasets as eval_data
+    from llm.post import data as post_data
+    for name, module in (("eval", eval_data), ("post", post_data)):  # the benchmark and post-training data
+        assert module._root(None) == tmp_path / "cache" / name, name
+        assert f"{name}/downloads/" in section and f"{name}/v{module.CONVERSION_VERSION}/" in section, name
     # a run's cache has the layout the section draws
     (tmp_path / "a.txt").write_text("the cat sees the moon. a dog likes the river.\n" * 40)
     folder, resolved = corpus_folder([str(tmp_path / "a.txt")])
