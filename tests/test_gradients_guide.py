@@ -22,7 +22,7 @@ GUIDE = REPO / "docs" / "gradients.md"
 
 #: the guide's long commands -> what is appended to run them here
 SHORTENED = {
-    ".venv/bin/python benchmarks/deep_norms.py": "--quick",
+    ".venv/bin/python benchmarks/deep_norms.py --plots docs/images/deep_norms": "--quick",
     ".venv/bin/python benchmarks/grad_stats.py": "--steps 1",
 }
 
