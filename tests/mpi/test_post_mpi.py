@@ -85,8 +85,11 @@ def layouts(comm):
     return [("dp", ["--dp", str(comm.size)]), ("pp", ["--pp", "2", "--dp", str(comm.size // 2)])]
 
 
-def check_against_one_process(comm, assert_all_ranks, main, make_argv, folder, out, keys, *extra):
-    """Run ``main`` on every layout of the world and once in one process; the logged ``keys`` must agree."""
+def check_against_one_process(comm, assert_all_ranks, main, make_argv, folder, out, keys, *extra, skip_first=()):
+    """Run ``main`` on every layout of the world and once in one process; the logged ``keys`` must agree.
+
+    ``skip_first``: keys compared from the second logged value on (a count of ties broken by float rounding).
+    """
     ok, msg = True, ""
     for name, flags in layouts(comm):
         rc = main(make_argv(folder, f"{out}-{name}", 4, *flags, *extra), comm=comm)
@@ -98,6 +101,8 @@ def check_against_one_process(comm, assert_all_ranks, main, make_argv, folder, o
             got = records(folder, f"{out}-{name}")
             for key in keys:
                 a, b = [r[key] for r in got if key in r], [r[key] for r in want if key in r]
+                if key in skip_first:
+                    a, b = a[1:], b[1:]
                 if rc != 0 or not b or not close(a, b):
                     ok, msg = False, f"{name}: {key} {a} vs one process {b} (exit {rc})"
     assert_all_ranks(comm, ok, msg)
@@ -117,8 +122,11 @@ def test_sft_with_lora_on_every_layout_equals_one_process(comm, assert_all_ranks
 
 
 def test_dpo_with_the_precomputed_reference_on_every_layout_equals_one_process(comm, assert_all_ranks, folder):
+    # at the first step the policy is the reference: every margin is 0 up to rounding, and the accuracy (strict
+    # wins, as TRL counts them) is a count of rounding signs, which another cut of the products may flip
     check_against_one_process(comm, assert_all_ranks, dpo.main, dpo_argv, folder, "dpo",
-                              ["loss", "rewards/margins", "rewards/accuracies", "val_loss", "val_rewards/margins"])
+                              ["loss", "rewards/margins", "rewards/accuracies", "val_loss", "val_rewards/margins"],
+                              skip_first=("rewards/accuracies",))
 
 
 def test_sft_and_dpo_resume_bitwise_under_mpirun(comm, assert_all_ranks, folder):
