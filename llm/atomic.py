@@ -67,3 +67,23 @@ def write_bytes_atomic(path, chunks) -> None:
     with atomic_open(path, "wb") as f:
         for c in chunks:
             f.write(memoryview(np.ascontiguousarray(c)).cast("B") if isinstance(c, np.ndarray) else c)
+
+
+@contextlib.contextmanager
+def locked_folder(folder):
+    """Hold an exclusive lock on ``folder`` (its ``.lock`` file) while converting data into it, so that
+    two processes do not fetch and convert the same data twice. Without ``fcntl`` (Windows) there is no
+    lock: the atomic writes still keep every file whole."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "a") as f:
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

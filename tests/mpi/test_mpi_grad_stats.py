@@ -14,7 +14,6 @@ import pytest
 
 from llm import train as train_mod
 from llm.trainer import read_metrics
-from llm.trainer import trainer as trainer_mod
 from parallel import Communicator
 
 pytestmark = pytest.mark.mpi
@@ -36,11 +35,6 @@ def folder(comm):
     comm.barrier()
     if comm.rank == 0:
         shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(autouse=True)
-def fast_flops(monkeypatch):
-    monkeypatch.setattr(trainer_mod, "measure_matmul_flops", lambda device="cpu", n=512, seconds=0.5: 1e10)
 
 
 def argv(folder, out, *extra):

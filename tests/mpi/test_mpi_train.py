@@ -17,7 +17,6 @@ import pytest
 from llm import train as train_mod
 from llm.checkpoint import load_model
 from llm.trainer import read_metrics
-from llm.trainer import trainer as trainer_mod
 from parallel import Communicator
 
 pytestmark = pytest.mark.mpi
@@ -41,12 +40,6 @@ def folder(comm):
     comm.barrier()
     if comm.rank == 0:
         shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(autouse=True)
-def fast_flops(monkeypatch):
-    """The MFU denominator, measured for ~0.5 s per run otherwise."""
-    monkeypatch.setattr(trainer_mod, "measure_matmul_flops", lambda device="cpu", n=512, seconds=0.5: 1e10)
 
 
 def argv(folder, out, steps, *extra):

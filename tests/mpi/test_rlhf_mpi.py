@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from llm.trainer import read_metrics
-from llm.trainer import trainer as trainer_mod
 from parallel import Communicator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,11 +38,6 @@ def folder(comm):
     comm.barrier()
     if comm.rank == 0:
         shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(autouse=True)
-def fast_flops(monkeypatch):
-    monkeypatch.setattr(trainer_mod, "measure_matmul_flops", lambda device="cpu", n=512, seconds=0.5: 1e10)
 
 
 def losses(folder, out):
