@@ -16,8 +16,12 @@ prints it and aborts the whole job at once instead of letting it hang.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 
+import numpy as np
 import pytest
 
 from parallel.comm import get_world
@@ -42,10 +46,48 @@ def assert_all_ranks(comm, condition, message: str = ""):
         raise AllRanksAssertionError(f"failed on rank(s) {[r for r, _ in failed]} of {comm.size}: {detail}")
 
 
+def shared_folder(comm, prefix: str, fill):
+    """A temporary folder for a module's tests: rank 0 makes it and calls ``fill(path)``, every rank gets its
+    path (a generator for a fixture: ``yield from shared_folder(...)``), rank 0 removes it at the end."""
+    path = tempfile.mkdtemp(prefix=prefix) if comm.rank == 0 else None
+    path = comm.bcast(path, root=0)
+    if comm.rank == 0:
+        fill(path)
+    comm.barrier()
+    yield path
+    comm.barrier()
+    if comm.rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+#: the words of the small corpora the training tests write (``write_word_corpus``)
+WORDS = "the cat sees a dog . my friend likes the moon . a young girl finds the river .".split()
+
+
+def write_word_corpus(path: str, seed: int) -> None:
+    """``path/corpus.txt``: 600 lines of 12 words drawn from ``WORDS`` with ``seed``."""
+    r = np.random.default_rng(seed)
+    text = "\n".join(" ".join(WORDS[i] for i in r.integers(len(WORDS), size=12)) for _ in range(600))
+    with open(os.path.join(path, "corpus.txt"), "w") as f:
+        f.write(text + "\n")
+
+
 @pytest.fixture(scope="session")
 def comm():
     """The world communicator (size > 1 under mpirun)."""
     return get_world()
+
+
+@pytest.fixture(scope="session", name="shared_folder")
+def shared_folder_fixture():
+    """The ``shared_folder(comm, prefix, fill)`` generator, for a module's ``folder`` fixture."""
+    return shared_folder
+
+
+@pytest.fixture(scope="session", name="write_word_corpus")
+def write_word_corpus_fixture():
+    """The ``write_word_corpus(path, seed)`` function."""
+    return write_word_corpus
 
 
 @pytest.fixture(name="assert_all_ranks")

@@ -6,10 +6,7 @@ same run in one process (``python -m llm train --grad-stats`` in-process on ever
 """
 
 import os
-import shutil
-import tempfile
 
-import numpy as np
 import pytest
 
 from llm import train as train_mod
@@ -18,23 +15,11 @@ from parallel import Communicator
 
 pytestmark = pytest.mark.mpi
 
-WORDS = "the cat sees a dog . my friend likes the moon . a young girl finds the river .".split()
 
 
 @pytest.fixture(scope="module")
-def folder(comm):
-    path = tempfile.mkdtemp(prefix="grad-stats-") if comm.rank == 0 else None
-    path = comm.bcast(path, root=0)
-    if comm.rank == 0:
-        r = np.random.default_rng(1)
-        text = "\n".join(" ".join(WORDS[i] for i in r.integers(len(WORDS), size=12)) for _ in range(600))
-        with open(os.path.join(path, "corpus.txt"), "w") as f:
-            f.write(text + "\n")
-    comm.barrier()
-    yield path
-    comm.barrier()
-    if comm.rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
+def folder(comm, shared_folder, write_word_corpus):
+    yield from shared_folder(comm, "grad-stats-", lambda path: write_word_corpus(path, seed=1))
 
 
 def argv(folder, out, *extra):

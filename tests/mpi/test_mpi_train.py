@@ -8,10 +8,7 @@ processes (and in one process) with the uninterrupted run's losses.
 """
 
 import os
-import shutil
-import tempfile
 
-import numpy as np
 import pytest
 
 from llm import train as train_mod
@@ -22,24 +19,12 @@ from parallel import Communicator
 pytestmark = pytest.mark.mpi
 
 TOL = 1e-5
-WORDS = "the cat sees a dog . my friend likes the moon . a young girl finds the river .".split()
 
 
 @pytest.fixture(scope="module")
-def folder(comm):
+def folder(comm, shared_folder, write_word_corpus):
     """A corpus and a cache folder shared by all ranks (made by rank 0), removed at the end."""
-    path = tempfile.mkdtemp(prefix="train-parallel-") if comm.rank == 0 else None
-    path = comm.bcast(path, root=0)
-    if comm.rank == 0:
-        r = np.random.default_rng(0)
-        text = "\n".join(" ".join(WORDS[i] for i in r.integers(len(WORDS), size=12)) for _ in range(600))
-        with open(os.path.join(path, "corpus.txt"), "w") as f:
-            f.write(text + "\n")
-    comm.barrier()
-    yield path
-    comm.barrier()
-    if comm.rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
+    yield from shared_folder(comm, "train-parallel-", lambda path: write_word_corpus(path, seed=0))
 
 
 def argv(folder, out, steps, *extra):

@@ -3,8 +3,6 @@ another order: 1e-5) and resume bitwise; LoRA and the precomputed DPO reference 
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -28,11 +26,9 @@ QA = [("what is one and one", "two", "five"), ("what color is the sky", "blue", 
 
 
 @pytest.fixture(scope="module")
-def folder(comm):
+def folder(comm, shared_folder):
     """A tiny checkpoint with chat tokens, instructions and pairs, shared by all ranks (made by rank 0)."""
-    path = tempfile.mkdtemp(prefix="post-mpi-") if comm.rank == 0 else None
-    path = comm.bcast(path, root=0)
-    if comm.rank == 0:
+    def fill(path):
         text = " ".join(np.random.default_rng(0).choice(WORDS, 4000))
         tok = Tokenizer.train(text, vocab_size=300)
         model = GPT(get_preset("tiny", vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=32, block_size=32),
@@ -43,11 +39,8 @@ def folder(comm):
             f.writelines(json.dumps({"instruction": q, "output": a}) + "\n" for q, a, _ in QA * 2)
         with open(os.path.join(path, "pairs.jsonl"), "w") as f:
             f.writelines(json.dumps({"prompt": q, "chosen": a, "rejected": r}) + "\n" for q, a, r in QA * 2)
-    comm.barrier()
-    yield path
-    comm.barrier()
-    if comm.rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
+
+    yield from shared_folder(comm, "post-mpi-", fill)
 
 
 def argv(folder, out, steps, *extra):

@@ -6,9 +6,7 @@ PPO's rollouts are generated in chunks of --gen-batch rows, each from its own se
 samples exactly the tokens one process samples for those rows."""
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,18 +24,13 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def folder(comm):
-    path = tempfile.mkdtemp(prefix="rlhf-mpi-") if comm.rank == 0 else None
-    path = comm.bcast(path, root=0)
-    if comm.rank == 0:
+def folder(comm, shared_folder):
+    def fill(path):
         chat_checkpoint(os.path.join(path, "sft.safetensors"))
         preference_file(os.path.join(path, "prefs.jsonl"), n=32)
         prompt_file(os.path.join(path, "prompts.jsonl"))
-    comm.barrier()
-    yield path
-    comm.barrier()
-    if comm.rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
+
+    yield from shared_folder(comm, "rlhf-mpi-", fill)
 
 
 def losses(folder, out):
