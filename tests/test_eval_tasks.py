@@ -250,6 +250,21 @@ class ShortWindowLM(FakeLM):
         return super().loglikelihood(requests)
 
 
+class CountingShortWindowLM(ShortWindowLM):
+    """``ShortWindowLM`` that also counts, as ModelLM does, the inputs it cuts on the left (``n_truncated``)."""
+
+    n_truncated = 0
+    last_requests = ()
+
+    def loglikelihood(self, requests):
+        for ctx, cont in requests:
+            if len(cont) > self.max_length:
+                raise ValueError(f"a continuation has {len(cont)} tokens")
+            self.n_truncated += len(ctx) + len(cont) > self.max_length + 1
+        self.last_requests = list(requests)
+        return FakeLM.loglikelihood(self, requests)
+
+
 def test_documents_whose_answer_cannot_fit_are_left_out_with_a_note():
     (piqa,) = E.evaluate(ShortWindowLM(), ["piqa"], loader=fixture_loader)
     docs = DOCS["piqa"]["validation"]
@@ -257,6 +272,13 @@ def test_documents_whose_answer_cannot_fit_are_left_out_with_a_note():
     assert 0 < len(fits) < len(docs)
     assert piqa.error is None and piqa.n == len(fits) and piqa.n_total == len(docs)
     assert f"{len(docs) - len(fits)} of {len(docs)} documents have an answer longer" in piqa.notes[0]
+    # as ModelLM, count the inputs cut on the left while reading the requests, until one is refused: the note
+    # counts the inputs of the documents that were scored, not those of the refused pass as well
+    counting = CountingShortWindowLM()
+    (piqa,) = E.evaluate(counting, ["piqa"], loader=fixture_loader)
+    kept = counting.last_requests  # the retried pass: the documents that fit
+    want = sum(len(ctx) + len(cont) > counting.max_length + 1 for ctx, cont in kept)
+    assert 0 < want and f"{want} of {len(kept)} inputs were longer" in piqa.notes[1]
     tiny = ShortWindowLM()
     tiny.max_length = 4
     (copa,) = E.evaluate(tiny, ["copa"], loader=fixture_loader)  # no answer fits: an error, not an empty score

@@ -322,6 +322,7 @@ def evaluate_task(task: Task, lm, settings: EvalSettings | None = None, document
                                 f"of {lm.max_length} tokens, which no window can score, and are left out "
                                 f"(lm-evaluation-harness stops with an assertion on them)")
             result.n = len(docs)
+            truncated_before = getattr(lm, "n_truncated", 0)  # the refused pass counted some inputs already
             try:
                 answers = run_requests(lm, requests)
             except ValueError as e2:
