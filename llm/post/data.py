@@ -426,30 +426,33 @@ def dataset_records(name: str, subtasks=None, cache_dir=None, log=print) -> list
     return records
 
 
-def _check_one_source(data_file, subtasks):
-    """``--subtasks`` picks subtasks of a named dataset: with ``--data-file`` it would be silently ignored."""
+#: what each kind of data is called in messages, and the job that takes it
+_KINDS = {"instructions": ("instructions", "SFT"), "preferences": ("preference pairs", "DPO")}
+
+
+def _source_records(kind: str, data_file, dataset, subtasks, cache_dir, log) -> list:
+    """``[(where, record)]`` of a JSONL file or a named dataset of ``kind``; one clear error for the wrong kind
+    of dataset, and for ``--subtasks`` with ``--data-file`` (it picks subtasks of a named dataset only)."""
+    if dataset and dataset in DATASETS and DATASETS[dataset][0] != kind:
+        other = _KINDS[DATASETS[dataset][0]][0]
+        what, job = _KINDS[kind]
+        raise DataError(f"{dataset} holds {other}, not {what}; {job} takes "
+                        + ", ".join(k for k, (k_kind, _) in DATASETS.items() if k_kind == kind))
     if data_file and subtasks:
         raise DataError("--subtasks selects subtasks of a named --data set; it does not apply to --data-file: "
                         "filter your file, or drop --subtasks")
+    return read_jsonl(data_file) if data_file else dataset_records(dataset, subtasks, cache_dir, log)
 
 
 def load_conversations(data_file=None, dataset=None, subtasks=None, cache_dir=None, log=print) -> list:
     """``[(where, messages)]`` of instruction data: a JSONL file, or a named dataset."""
-    if dataset and dataset in DATASETS and DATASETS[dataset][0] != "instructions":
-        raise DataError(f"{dataset} holds preference pairs, not instructions; SFT takes "
-                        + ", ".join(k for k, (kind, _) in DATASETS.items() if kind == "instructions"))
-    _check_one_source(data_file, subtasks)
-    records = read_jsonl(data_file) if data_file else dataset_records(dataset, subtasks, cache_dir, log)
+    records = _source_records("instructions", data_file, dataset, subtasks, cache_dir, log)
     return [(where, conversation_from_record(r, where)) for where, r in records]
 
 
 def load_pairs(data_file=None, dataset=None, subtasks=None, cache_dir=None, log=print) -> list:
     """``[Pair]`` of preference data: a JSONL file, or a named dataset."""
-    if dataset and dataset in DATASETS and DATASETS[dataset][0] != "preferences":
-        raise DataError(f"{dataset} holds instructions, not preference pairs; DPO takes "
-                        + ", ".join(k for k, (kind, _) in DATASETS.items() if kind == "preferences"))
-    _check_one_source(data_file, subtasks)
-    records = read_jsonl(data_file) if data_file else dataset_records(dataset, subtasks, cache_dir, log)
+    records = _source_records("preferences", data_file, dataset, subtasks, cache_dir, log)
     return [pair_from_record(r, where) for where, r in records]
 
 
