@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from ..atomic import write_text_atomic
+from ..plots import PlotError, require_matplotlib
 from .cli import markdown_table
 
 PROG = "python -m llm report"
@@ -98,11 +99,8 @@ def find_stages(run: Path) -> list[Path]:
 def plot_curves(records: list[dict], out_png: Path, title: str) -> bool:
     """Draw training loss and validation loss against step into ``out_png``; False if matplotlib is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        plt = require_matplotlib()
+    except PlotError:
         return False
     train = [(r["step"], r["loss"]) for r in records if "step" in r and _finite(r.get("loss"))]
     val = [(r["step"], r["val_loss"]) for r in records if "step" in r and _finite(r.get("val_loss"))]
