@@ -326,12 +326,12 @@ def evaluate_arithmetic(ckpt: str, sft_ckpt: str, out_json: str, seed: int = 0, 
     from ..atomic import write_text_atomic
     from . import arithmetic
     from .prompts import render_prompts, score_responses
-    from .reward import load_policy
+    from .start import load_start_model
     from .rewards import load_reward
 
     t0 = time.perf_counter()
-    policy, tok = load_policy(ckpt)
-    ref, _ = load_policy(sft_ckpt, "--ref")
+    policy, tok = load_start_model(ckpt)
+    ref, _ = load_start_model(sft_ckpt, "--ref")
     _, heldout = arithmetic.ppo_prompts(seed=seed)
     prompts = render_prompts(heldout, tok, policy.config.block_size - 8)
     reward = load_reward("arithmetic")

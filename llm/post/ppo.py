@@ -277,14 +277,14 @@ class PPOJob(Job):
 
     def __init__(self, args, comm=None, log=print, reward=None):
         from . import chat
-        from .reward import load_policy
+        from .start import load_start_model
 
         self.args, self.comm, self.log = args, comm, log
         if args.pp != 1:
             raise SetupError(PP_ERROR)
-        self.policy, self.tokenizer = load_policy(args.model, "--model")
+        self.policy, self.tokenizer = load_start_model(args.model, "--model")
         ref_path = args.ref or args.model
-        self.ref, ref_tok = load_policy(ref_path, "--ref")
+        self.ref, ref_tok = load_start_model(ref_path, "--ref")
         self._check_reference(ref_path, ref_tok)
         for m in (self.policy, self.ref):
             _no_dropout(m)

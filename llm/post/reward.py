@@ -37,18 +37,7 @@ from .packing import RowSampler
 from .rankings import Ranking, encode_rankings, read_rankings, record_prompt
 from .reward_model import (METADATA_KEY, RewardModel, RewardNormalization, RewardStats, bradley_terry_loss,
                            sequence_scores)
-
-
-def load_policy(path, what: str = "--model"):
-    """``(GPT, tokenizer)`` from a checkpoint (ours, a LoRA run's with the adapters merged, or a Hugging Face GPT-2
-    folder: SFT's ``llm.post.start.load_start_model``); SetupError naming ``what`` otherwise."""
-    from .start import load_start_model
-
-    try:
-        return load_start_model(path)
-    except SetupError as e:
-        msg = str(e)
-        raise SetupError(msg.replace("--model", what, 1) if msg.startswith("--model") else f"{what}: {msg}") from None
+from .start import load_start_model
 
 
 def chat_encoder(tokenizer, max_len: int, template: str = "chat"):
@@ -100,7 +89,7 @@ class RewardJob(Job):
     def __init__(self, args, comm=None, log=print, encode=None, policy=None, tokenizer=None):
         self.args, self.comm, self.log = args, comm, log
         if policy is None:
-            policy, tokenizer = load_policy(args.model)
+            policy, tokenizer = load_start_model(args.model)
         self.policy, self.tokenizer = policy, tokenizer
         block = policy.config.block_size
         self.max_len = min(args.max_length or block, block)
@@ -273,7 +262,7 @@ def main(argv=None, comm=None) -> int:
     return run_job("reward", args, lambda a, c, log: RewardJob(a, c, log), argv, comm=comm)
 
 
-__all__ = ["RewardJob", "load_policy", "chat_encoder", "build_parser", "main"]
+__all__ = ["RewardJob", "chat_encoder", "build_parser", "main"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

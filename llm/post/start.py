@@ -47,8 +47,9 @@ def _hf_tokenizer(folder: str):
     return Tokenizer.from_gpt2_files(vocab, merges)
 
 
-def load_start_model(path: str):
-    """``(model, tokenizer)`` from one of our checkpoints or a Hugging Face GPT-2 folder; SetupError otherwise.
+def load_start_model(path: str, flag: str = "--model"):
+    """``(model, tokenizer)`` from one of our checkpoints or a Hugging Face GPT-2 folder; SetupError otherwise,
+    its message naming the flag the path came from (``--model``, ``--ref``, ...).
 
     A training checkpoint of a LoRA run comes back with the adapters merged
     into the weights (``llm.checkpoint.build_model``): a plain GPT.
@@ -58,18 +59,21 @@ def load_start_model(path: str):
         try:
             model = load_hf_gpt2(path)
         except (HFCheckpointError, OSError, ValueError) as e:
-            raise SetupError(f"--model {path}: {e}") from None
-        return model, _hf_tokenizer(path)
+            raise SetupError(f"{flag} {path}: {e}") from None
+        try:
+            return model, _hf_tokenizer(path)
+        except SetupError as e:
+            raise SetupError(f"{flag}: {e}") from None
     if not os.path.exists(path):
-        raise SetupError(f"--model {path}: no such checkpoint file or Hugging Face folder (train one with "
+        raise SetupError(f"{flag} {path}: no such checkpoint file or Hugging Face folder (train one with "
                          "`python -m llm train`, or pass a checkpoint)")
     try:
         tensors, metadata = load_checkpoint(path)
         model, tokenizer = build_model(tensors, metadata, where=f"checkpoint {path}")  # a LoRA run's: merged
     except CheckpointError as e:
-        raise SetupError(f"--model: {e}") from None
+        raise SetupError(f"{flag}: {e}") from None
     if tokenizer is None:
-        raise SetupError(f"--model {path} holds no tokenizer; post-training needs the model's tokenizer")
+        raise SetupError(f"{flag} {path} holds no tokenizer; post-training needs the model's tokenizer")
     return model, tokenizer
 
 
