@@ -39,18 +39,10 @@ import tempfile
 import time
 
 
-def _threads_from_argv(argv):
-    """The value of ``--threads N`` if given (read before NumPy is imported: BLAS reads its thread count then)."""
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--threads="):
-            return a.split("=", 1)[1]
-    return None
-
-
-if _threads_from_argv(sys.argv) is not None:
-    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = _threads_from_argv(sys.argv)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# benchmarks/vs_pytorch.py sets OPENBLAS_NUM_THREADS / OMP_NUM_THREADS from --threads when imported, before
+# NumPy loads (BLAS reads its thread count then); it imports torch only when it runs
+import vs_pytorch  # noqa: E402,F401
 
 import numpy as np  # noqa: E402
 
