@@ -541,6 +541,24 @@ def test_a_second_signal_interrupts_at_once():
     assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def test_a_signal_that_lands_while_the_ranks_agree_is_not_lost(corpus, tmp_path, monkeypatch):
+    """A signal that arrives during the all-gather of ``agree_on_stop`` (after the ranks compared notes) stops the
+    run after the next step; it is not overwritten by that round's "no signal" (which ran the job to the end)."""
+    real, calls = trainer_mod.agree_on_stop, {"n": 0}
+
+    def agree_while_a_signal_lands(comm, requested, *flags):
+        out = real(comm, requested, *flags)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGINT)  # lands after this round's answer was made
+        return out
+
+    monkeypatch.setattr(trainer_mod, "agree_on_stop", agree_while_a_signal_lands)
+    out = tmp_path / "run"
+    assert train_mod.main(argv(corpus, out, "--ckpt-interval", "0", steps=20)) == 130
+    assert TrainingCheckpoint.load(out / "ckpt.safetensors").step == 4
+
+
 def test_a_full_disk_is_one_clear_error_with_its_own_exit_code_and_the_last_checkpoint_stays(corpus, tmp_path,
                                                                                             monkeypatch, capsys):
     import errno

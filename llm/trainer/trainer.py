@@ -43,7 +43,7 @@ from .grad_stats import GradStats, wants_stats
 from .layout import Layout, NoTargetsError
 from .metrics import MetricsWriter, Progress, matmul_size_for, measure_matmul_flops, mfu
 from .ranks import agree_on_stop
-from .signals import GracefulStop
+from .signals import EXIT_CODES, GracefulStop
 
 #: float16 training gives up after this many optimizer steps in a row overflowed
 MAX_CONSECUTIVE_SKIPS = 20
@@ -270,6 +270,7 @@ class Trainer:
         step_time, steps_since_log, skipped_total, skips_in_row = 0.0, 0, 0, 0  # step_time: seconds in steps
         tokens_since_log = 0
         time_up = False
+        stop_signal = None  # the stop every rank agreed on; stop.requested is the handler's and may be newer
         stop = GracefulStop(lambda name: progress.write(
             f"{name}: stopping after this step, with a checkpoint (a second signal aborts without one)"))
         try:
@@ -306,8 +307,10 @@ class Trainer:
                     skips_in_row = skips_in_row + 1 if result.skipped else 0
                     diverged = skips_in_row >= MAX_CONSECUTIVE_SKIPS
                     time_up = cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes
-                    stop.requested, (time_up,) = agree_on_stop(comm, stop.requested, time_up)  # the same on every rank
-                    stopping = stop.requested is not None
+                    # the same on every rank; a signal that lands during the all-gather stays in stop.requested
+                    # (never overwritten here) and is agreed on after the next step
+                    stop_signal, (time_up,) = agree_on_stop(comm, stop.requested, time_up)
+                    stopping = stop_signal is not None
                     last = step == cfg.max_steps or time_up or stopping or diverged
                     evaluating = (step % cfg.eval_interval == 0 or last) and not (stopping or diverged)
 
@@ -348,10 +351,10 @@ class Trainer:
         finally:
             progress.close()
             metrics.close()
-        if stop.requested is not None:
+        if stop_signal is not None:
             self.log(f"stopped at step {step} by a signal; checkpoint: {state['last_ckpt']}; continue with the same "
                      "command and --resume")
-            return stop.exit_code
+            return EXIT_CODES[stop_signal]
 
         # -- the end ---------------------------------------------------------------------------------
         checkpoint(step)  # a no-op when the last step's checkpoint is written (or was resumed from, unchanged)
